@@ -1,0 +1,117 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HitStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HIT_STATUS_UNSPECIFIED: _ClassVar[HitStatus]
+    HIT_STATUS_RERANKED: _ClassVar[HitStatus]
+    HIT_STATUS_FALLBACK: _ClassVar[HitStatus]
+HIT_STATUS_UNSPECIFIED: HitStatus
+HIT_STATUS_RERANKED: HitStatus
+HIT_STATUS_FALLBACK: HitStatus
+
+class Document(_message.Message):
+    __slots__ = ("id", "text", "title", "first_stage_score")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STAGE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    title: str
+    first_stage_score: float
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., first_stage_score: _Optional[float] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("query", "documents", "top_n", "instruction")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedCompositeFieldContainer[Document]
+    top_n: int
+    instruction: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ...) -> None: ...
+
+class RankedDocument(_message.Message):
+    __slots__ = ("index", "id", "score", "first_stage_score", "status", "fallback_reason", "truncated")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STAGE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: str
+    score: float
+    first_stage_score: float
+    status: HitStatus
+    fallback_reason: str
+    truncated: bool
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., first_stage_score: _Optional[float] = ..., status: _Optional[_Union[HitStatus, str]] = ..., fallback_reason: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_seconds", "inference_seconds", "total_seconds", "batches")
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    inference_seconds: float
+    total_seconds: float
+    batches: int
+    def __init__(self, queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., batches: _Optional[int] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("results", "model_id", "model_revision", "timings")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RankedDocument]
+    model_id: str
+    model_revision: str
+    timings: Timings
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedDocument, _Mapping]]] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model_id", "model_revision", "backend", "device", "dtype", "attention", "max_length", "max_batch_tokens", "max_batch_pairs", "max_documents", "max_queue_pairs", "accepts_instruction", "server_version")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_revision: str
+    backend: str
+    device: str
+    dtype: str
+    attention: str
+    max_length: int
+    max_batch_tokens: int
+    max_batch_pairs: int
+    max_documents: int
+    max_queue_pairs: int
+    accepts_instruction: bool
+    server_version: str
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_documents: _Optional[int] = ..., max_queue_pairs: _Optional[int] = ..., accepts_instruction: _Optional[bool] = ..., server_version: _Optional[str] = ...) -> None: ...

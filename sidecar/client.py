@@ -1,0 +1,73 @@
+"""Python client for the sidecar's gRPC API (used by the CLI, the benchmark and the evaluator).
+
+Thread-safe: one client (one channel) can be shared by many threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from sidecar._proto.reranker.v1 import reranker_pb2 as pb
+from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
+from sidecar.types import Document, HitStatus, RankedHit, RerankResult, Timings
+
+_STATUS = {pb.HIT_STATUS_RERANKED: HitStatus.RERANKED, pb.HIT_STATUS_FALLBACK: HitStatus.FALLBACK}
+# Large top-k requests exceed gRPC's 4 MB default.
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+class RerankerClient:
+    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+        self.target = target
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RerankerServiceStub(self._channel)
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[Document | str],
+        top_n: int | None = None,
+        instruction: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> RerankResult:
+        """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure."""
+        request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction)
+        for doc in documents:
+            d = Document(text=doc) if isinstance(doc, str) else doc
+            request.documents.add(id=d.id, text=d.text, title=d.title, first_stage_score=d.first_stage_score)
+        response = self._stub.Rerank(request, timeout=timeout)
+        hits = [
+            RankedHit(
+                index=r.index,
+                id=r.id,
+                score=r.score,
+                first_stage_score=r.first_stage_score if r.HasField("first_stage_score") else None,
+                status=_STATUS.get(r.status, HitStatus.RERANKED),
+                fallback_reason=r.fallback_reason,
+                truncated=r.truncated,
+            )
+            for r in response.results
+        ]
+        t = response.timings
+        timings = Timings(t.queue_seconds, t.inference_seconds, t.total_seconds, t.batches)
+        return RerankResult(hits, response.model_id, response.model_revision, timings)
+
+    def info(self, timeout: float | None = 10.0) -> pb.InfoResponse:
+        return self._stub.Info(pb.InfoRequest(), timeout=timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until the server's health service reports SERVING (raises TimeoutError otherwise)."""
+        from sidecar.health import wait_serving
+
+        wait_serving(self._channel, timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RerankerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

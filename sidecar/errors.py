@@ -1,0 +1,90 @@
+"""The one error table: domain errors and the only place they are mapped to gRPC and HTTP status codes.
+
+Front ends raise or catch `RerankError` subclasses and call `grpc_status` / `http_status`; nothing else
+decides a status code. Unexpected exceptions become INTERNAL / 500 with a generic message; the
+traceback goes to the log, never into the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+class RerankError(Exception):
+    """Base of every error a client may see. `message` says what to change."""
+
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(RerankError):
+    code = "invalid_argument"
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+
+
+class Overloaded(RerankError):
+    code = "overloaded"
+
+
+class NotReady(RerankError):
+    code = "unavailable"
+
+
+class DeadlineExceeded(RerankError):
+    code = "deadline_exceeded"
+
+
+class Cancelled(RerankError):
+    code = "cancelled"
+
+
+class InternalError(RerankError):
+    code = "internal"
+
+
+@dataclass(frozen=True)
+class Status:
+    grpc: grpc.StatusCode
+    http: int
+
+
+_TABLE: dict[type[RerankError], Status] = {
+    PayloadTooLarge: Status(grpc.StatusCode.INVALID_ARGUMENT, 413),
+    InvalidInput: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    NotReady: Status(grpc.StatusCode.UNAVAILABLE, 503),
+    DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    Cancelled: Status(grpc.StatusCode.CANCELLED, 499),
+    InternalError: Status(grpc.StatusCode.INTERNAL, 500),
+}
+
+GENERIC_INTERNAL_MESSAGE = "internal error; the sidecar logged the details"
+
+
+def status_of(error: BaseException) -> Status:
+    for cls in type(error).__mro__:
+        if cls in _TABLE:
+            return _TABLE[cls]  # type: ignore[index]
+    return _TABLE[InternalError]
+
+
+def public_message(error: BaseException) -> str:
+    """What a client may read: our own messages, never the text of an unexpected exception."""
+    if isinstance(error, RerankError) and not isinstance(error, InternalError):
+        return error.message
+    return GENERIC_INTERNAL_MESSAGE
+
+
+def outcome_label(error: BaseException | None) -> str:
+    """The `outcome` label of the requests counter."""
+    if error is None:
+        return "ok"
+    return error.code if isinstance(error, RerankError) else "internal"

@@ -1,0 +1,136 @@
+"""The one settings object: every knob of the sidecar, read from RERANK_* env vars and `serve` flags.
+
+Each field's description states its trade-off; the CLI builds its flags from these fields, so every
+flag has an env twin (`--max-batch-tokens` <-> `RERANK_MAX_BATCH_TOKENS`) and the README table is
+generated from the same source (`rerank-sidecar config`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RERANK_"
+# The gRPC service name, also used as the health-check service name (Kubernetes probes name it).
+SERVICE_NAME = "reranker.v1.RerankerService"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # --- model -------------------------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="Model to serve: a local directory or a Hugging Face hub id. Unset serves the packaged "
+        "all-MiniLM-L6-v2 embedding model (bi-encoder, works offline). A hub id is the only case that "
+        "downloads anything.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) when --model is a hub id; pins what is served."
+    )
+    backend: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
+        "auto",
+        description="Scorer family. 'auto' reads the model directory: a sentence-transformers embedding "
+        "model becomes a bi-encoder, anything else a cross-encoder.",
+    )
+    device: str = Field(
+        "auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Inference precision. 'auto' is bfloat16 on CUDA and on CPUs with native bf16 "
+        "(AMX / AVX512-BF16), float32 otherwise. bf16 is several times faster where the hardware has it "
+        "and moves scores by about 1e-2; float32 matches sentence-transformers to 1e-5.",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel. 'auto' uses flash-attn with unpadded (varlen) batches when it is "
+        "installed and the device is CUDA, PyTorch SDPA otherwise.",
+    )
+    max_length: int | None = Field(
+        None,
+        ge=8,
+        description="Tokens per (query, document) pair; longer pairs are truncated and reported as "
+        "truncated. Unset uses the model's own limit. Lower is faster and loses document tail.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model repositories to run their own Python code. Only for models you trust."
+    )
+
+    # --- network -----------------------------------------------------------------------------
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind. Loopback keeps the sidecar private to its pod; use 0.0.0.0 only for "
+        "a shared reranker Service.",
+    )
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    http_port: int = Field(
+        8080, ge=0, le=65535, description="HTTP/JSON port (ml-commons connectors, /health, /metrics)."
+    )
+    metrics_port: int = Field(
+        9090,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port; 0 picks a free one. Metrics are also served on the HTTP port.",
+    )
+
+    # --- batching ----------------------------------------------------------------------------
+    max_batch_tokens: int = Field(
+        8192,
+        ge=64,
+        description="Token budget of one forward pass (padded length x pairs). Larger batches amortise "
+        "overhead on GPUs (16384+ there); on CPU, beyond a few thousand tokens only latency grows.",
+    )
+    max_batch_pairs: int = Field(
+        128, ge=1, description="Upper bound on pairs in one batch, whatever their length."
+    )
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="How long the batcher waits for more pairs before running a partial batch. Higher "
+        "fills batches under light load at the cost of that much added latency.",
+    )
+    max_queue_pairs: int = Field(
+        20000,
+        ge=1,
+        description="Bounded queue, in pairs. When a request would exceed it, it is refused at once with "
+        "RESOURCE_EXHAUSTED / 429: a low limit refuses clients instead of making them wait.",
+    )
+    max_documents: int = Field(
+        1000,
+        ge=1,
+        description="Most documents one request may carry; larger requests get INVALID_ARGUMENT. Requests "
+        "below it are split internally, never refused for size.",
+    )
+    max_query_chars: int = Field(
+        10000, ge=1, description="Longest accepted query, in characters (guards tokenizer time)."
+    )
+    default_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline for requests that carry none. Work past its deadline never reaches the model.",
+    )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    warmup: bool = Field(
+        True,
+        description="Run one batch before reporting SERVING, so the first real request does not pay "
+        "for lazy initialisation.",
+    )
+    drain_seconds: float = Field(
+        20.0,
+        ge=0,
+        description="On SIGTERM: health goes NOT_SERVING, new work is refused, and in-flight requests get "
+        "this long to finish. Keep Kubernetes terminationGracePeriodSeconds above it.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")

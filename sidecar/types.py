@@ -1,0 +1,75 @@
+"""Internal request/response types shared by the front ends, the service and the batcher.
+
+Front ends translate wire formats (protobuf, JSON) to and from these; nothing below them sees a wire type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    id: str = ""
+    title: str | None = None
+    first_stage_score: float | None = None
+
+    def model_text(self) -> str:
+        """What the model reads: 'title text' when a title is set."""
+        return f"{self.title} {self.text}" if self.title else self.text
+
+
+@dataclass(frozen=True)
+class RerankQuery:
+    query: str
+    documents: list[Document]
+    top_n: int | None = None
+    instruction: str | None = None
+    # Absolute deadline on the event loop's clock (loop.time()); None uses the server default.
+    deadline: float | None = None
+
+
+class HitStatus(Enum):
+    RERANKED = "reranked"
+    FALLBACK = "fallback"
+
+
+@dataclass(frozen=True)
+class RankedHit:
+    index: int
+    id: str
+    score: float
+    first_stage_score: float | None
+    status: HitStatus = HitStatus.RERANKED
+    fallback_reason: str = ""
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    total_seconds: float = 0.0
+    batches: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    revision: str
+    backend: str
+    device: str
+    dtype: str
+    attention: str
+    max_length: int
+    accepts_instruction: bool
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    hits: list[RankedHit]
+    model_id: str
+    model_revision: str
+    timings: Timings = field(default_factory=Timings)
