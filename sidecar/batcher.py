@@ -1,0 +1,273 @@
+"""The batcher: the only place where requests meet.
+
+Every (query, document) pair is queued on its own, so pairs from concurrent requests share forward
+passes. Each step takes a FIFO window of the queue, sorts it by length and runs the token-budgeted
+batch that holds the oldest pair (so the head of the queue always progresses and padding stays low).
+The queue is bounded in pairs and refuses at once when full. Pairs whose request expired or was
+cancelled are dropped before they reach the model. The model runs in one worker thread; the event loop
+never blocks on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sidecar.errors import DeadlineExceeded, InternalError, NotReady, Overloaded
+from sidecar.metrics import Metrics
+from sidecar.scoring.base import Pair, Scorer
+
+log = logging.getLogger(__name__)
+
+# The window of the queue considered for one batch, in multiples of the token budget: wider windows
+# sort better (less padding) at the cost of a longer scan.
+WINDOW_BUDGETS = 4
+
+
+@dataclass
+class BatchStats:
+    """What one job went through, for the response's timings."""
+
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    batches: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    pairs: Sequence[Pair]
+    deadline: float
+    enqueued_at: float
+    future: asyncio.Future[np.ndarray]
+    scores: np.ndarray
+    remaining: int
+    queued: int  # items of this job still in the queue
+    stats: BatchStats = field(default_factory=BatchStats)
+    abandoned: bool = False  # cancelled by the client or timed out in the front end
+
+    @property
+    def dead(self) -> bool:
+        return self.abandoned or self.future.done()
+
+
+@dataclass(eq=False)
+class _Item:
+    job: _Job
+    index: int
+    tokens: int
+
+
+class Batcher:
+    def __init__(
+        self,
+        scorer: Scorer,
+        metrics: Metrics,
+        *,
+        max_batch_tokens: int,
+        max_batch_pairs: int,
+        max_wait_s: float,
+        max_queue_pairs: int,
+    ) -> None:
+        self.scorer = scorer
+        self.metrics = metrics
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_pairs = max_batch_pairs
+        self.max_wait_s = max_wait_s
+        self.max_queue_pairs = max_queue_pairs
+        self._queue: deque[_Item] = deque()
+        self._queued_pairs = 0
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        # Batch log for tests and debugging: (number of pairs, number of distinct jobs) per batch.
+        self.batch_log: deque[tuple[int, int]] = deque(maxlen=1000)
+
+    # ---- public -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    @property
+    def queued_pairs(self) -> int:
+        return self._queued_pairs
+
+    async def submit(self, pairs: Sequence[Pair], tokens: Sequence[int], deadline: float) -> tuple[np.ndarray, BatchStats]:
+        """Score `pairs` (with their token counts) before `deadline` (loop time).
+
+        Raises Overloaded at once when the queue cannot take them, NotReady after close().
+        Cancelling the awaiting task abandons the job: its queued pairs never reach the model.
+        """
+        if self._closed:
+            raise NotReady("the sidecar is shutting down; retry on another replica")
+        n = len(pairs)
+        if self._queued_pairs + n > self.max_queue_pairs:
+            raise Overloaded(
+                f"queue full: {self._queued_pairs} pairs waiting, this request adds {n}, limit "
+                f"{self.max_queue_pairs}; retry with backoff or add replicas"
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            pairs=pairs,
+            deadline=deadline,
+            enqueued_at=loop.time(),
+            future=loop.create_future(),
+            scores=np.empty(n, dtype=np.float32),
+            remaining=n,
+            queued=n,
+        )
+        self._queue.extend(_Item(job, i, max(1, t)) for i, t in enumerate(tokens))
+        self._queued_pairs += n
+        self.metrics.queue_pairs.set(self._queued_pairs)
+        self._arrived.set()
+        try:
+            scores = await job.future
+        except asyncio.CancelledError:
+            self._abandon(job, "cancelled")
+            raise
+        return scores, job.stats
+
+    async def close(self) -> None:
+        """Stop the loop; fail whatever is still queued with NotReady."""
+        self._closed = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for item in self._queue:
+            if not item.job.future.done():
+                item.job.future.set_exception(NotReady("the sidecar shut down before this request ran"))
+        self._queue.clear()
+        self._queued_pairs = 0
+        self._executor.shutdown(wait=True)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _abandon(self, job: _Job, reason: str) -> None:
+        if job.abandoned:
+            return
+        job.abandoned = True
+        # Free its queue capacity now; the items themselves are skipped when they reach a window.
+        self._queued_pairs -= job.queued
+        self.metrics.pairs_dropped.labels(reason).inc(job.queued)
+        job.queued = 0
+        self.metrics.queue_pairs.set(self._queued_pairs)
+
+    def _take(self, item: _Item) -> None:
+        if not item.job.abandoned:
+            item.job.queued -= 1
+            self._queued_pairs -= 1
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._fill(loop)
+            batch = self._next_batch(loop)
+            self.metrics.queue_pairs.set(self._queued_pairs)
+            if batch:
+                await self._execute(batch, loop)
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Under light load, wait up to max_wait for more pairs before running a partial batch."""
+        if self.max_wait_s <= 0:
+            return
+        until = loop.time() + self.max_wait_s
+        while sum(i.tokens for i in self._queue) < self.max_batch_tokens and (left := until - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
+
+    def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        now = loop.time()
+        window: list[_Item] = []
+        budget = self.max_batch_tokens * WINDOW_BUDGETS
+        while self._queue and budget > 0:
+            item = self._queue.popleft()
+            job = item.job
+            if job.dead:
+                continue  # capacity was already returned when it was abandoned
+            if now > job.deadline:
+                self._expire(job)
+                continue
+            window.append(item)
+            budget -= item.tokens
+        if not window:
+            return []
+        head = window[0]
+        ordered = sorted(window, key=lambda i: -i.tokens)
+        batch: list[_Item] = []
+        chosen: list[_Item] | None = None
+        for item in ordered:
+            if batch and ((len(batch) + 1) * batch[0].tokens > self.max_batch_tokens
+                          or len(batch) >= self.max_batch_pairs):
+                if any(i is head for i in batch):
+                    chosen = batch
+                    break
+                batch = []
+            batch.append(item)
+        if chosen is None:
+            chosen = batch  # the head is in the last batch
+        taken = {id(i) for i in chosen}
+        # Put back what was not taken, in its original (FIFO) order.
+        self._queue.extendleft(reversed([i for i in window if id(i) not in taken]))
+        for item in chosen:
+            self._take(item)
+        return chosen
+
+    def _expire(self, job: _Job) -> None:
+        waited = asyncio.get_running_loop().time() - job.enqueued_at
+        done = len(job.pairs) - job.remaining
+        self._abandon(job, "deadline")
+        if not job.future.done():
+            job.future.set_exception(
+                DeadlineExceeded(
+                    f"deadline passed after {waited:.3f}s in the server with {done}/{len(job.pairs)} pairs "
+                    "scored; raise the client timeout, send fewer documents, or add capacity"
+                )
+            )
+
+    async def _execute(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+        started = loop.time()
+        jobs = list(dict.fromkeys(i.job for i in batch))
+        for job in jobs:
+            if job.stats.batches == 0:
+                job.stats.queue_seconds = started - job.enqueued_at
+                self.metrics.queue_seconds.observe(job.stats.queue_seconds)
+        pairs = [i.job.pairs[i.index] for i in batch]
+        try:
+            scores = await loop.run_in_executor(self._executor, self.scorer.score, pairs)
+        except Exception:
+            log.exception("scoring a batch of %d pairs failed", len(batch))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(InternalError("scoring failed"))
+            return
+        elapsed = loop.time() - started
+        self.batch_log.append((len(batch), len(jobs)))
+        m = self.metrics
+        m.inference_seconds.observe(elapsed)
+        m.batch_pairs.observe(len(batch))
+        m.batch_tokens.observe(len(batch) * max(i.tokens for i in batch))
+        m.batch_real_tokens.observe(sum(i.tokens for i in batch))
+        m.batch_requests.observe(len(jobs))
+        m.pairs_scored.inc(len(batch))
+        for job in jobs:
+            job.stats.inference_seconds += elapsed
+            job.stats.batches += 1
+        for item, score in zip(batch, scores, strict=True):
+            job = item.job
+            job.scores[item.index] = score
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.scores)

@@ -1,0 +1,159 @@
+"""`rerank-sidecar` command line. Imports stay lazy so `--help` is instant (no torch at start-up).
+
+`serve` flags are generated from the Settings fields, so every flag has an env twin and one description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    from sidecar.settings import Settings, env_name, flag_name
+
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        default = field.default
+        help_text = f"{field.description} [env {env_name(name)}; default {default!r}]"
+        kwargs: dict[str, typing.Any] = {"dest": name, "default": None, "help": help_text}
+        args = typing.get_args(annotation)
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif annotation is int or int in args:
+            kwargs["type"] = int
+        elif annotation is float or float in args:
+            kwargs["type"] = float
+        parser.add_argument(flag_name(name), **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sidecar.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sidecar.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from sidecar.health import check
+
+    with grpc.insecure_channel(args.target) as channel:
+        ok = check(channel, args.service, timeout=args.timeout)
+    print("SERVING" if ok else "NOT_SERVING")
+    return 0 if ok else 1
+
+
+def _info(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    from sidecar.client import RerankerClient
+
+    with RerankerClient(args.target) as client:
+        print(MessageToJson(client.info(), always_print_fields_with_no_presence=True))
+    return 0
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    from sidecar.client import RerankerClient
+
+    with RerankerClient(args.target) as client:
+        result = client.rerank(args.query, args.doc, top_n=args.top_n, timeout=args.timeout)
+    print(f"model {result.model_id} ({result.model_revision}); queue {result.timings.queue_seconds * 1000:.1f} ms, "
+          f"inference {result.timings.inference_seconds * 1000:.1f} ms")
+    for rank, hit in enumerate(result.hits, 1):
+        print(f"{rank:3d}. {hit.score:+.4f}  [{hit.index}] {args.doc[hit.index][:100]}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from sidecar.settings import Settings, env_name, flag_name
+
+    print("| flag | env | default | what it does, and the trade-off |\n| --- | --- | --- | --- |")
+    for name, field in Settings.model_fields.items():
+        print(f"| `{flag_name(name)}` | `{env_name(name)}` | `{field.default!r}` | {field.description} |")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sidecar.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rerank-sidecar", description="Reranking sidecar for search engines (gRPC + HTTP, shared batches)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the sidecar (gRPC, HTTP/JSON and metrics)")
+    _add_settings_flags(p)
+    p.set_defaults(func=_serve)
+
+    target = {"default": "127.0.0.1:50051", "help": "gRPC address of the sidecar"}
+    p = sub.add_parser("health", help="exit 0 if the sidecar reports SERVING (for probes and scripts)")
+    p.add_argument("--target", **target)
+    p.add_argument("--service", default="", help="health service name ('' = whole server)")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=_health)
+
+    p = sub.add_parser("info", help="print the served model and limits (Info RPC)")
+    p.add_argument("--target", **target)
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("rerank", help="rerank a few documents from the command line")
+    p.add_argument("--target", **target)
+    p.add_argument("--query", required=True)
+    p.add_argument("--doc", action="append", required=True, help="a document (repeat the flag)")
+    p.add_argument("--top-n", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=_rerank)
+
+    p = sub.add_parser("config", help="print the settings reference (flags, env vars, defaults) as Markdown")
+    p.set_defaults(func=_config)
+
+    p = sub.add_parser("bench", help="benchmark the running stack against sentence-transformers on SciFact")
+    from sidecar.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+    for module in ("sidecar.eval.cli", "sidecar.opensearch.cli"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except (ImportError, AttributeError):
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

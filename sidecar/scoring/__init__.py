@@ -1,0 +1,5 @@
+"""Scorer backends behind one call: `Scorer.score(pairs) -> floats`."""
+
+from sidecar.scoring.base import Measure, Pair, Scorer
+
+__all__ = ["Measure", "Pair", "Scorer"]

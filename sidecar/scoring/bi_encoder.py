@@ -1,0 +1,73 @@
+"""Bi-encoder backend: cosine similarity of query and document embeddings from a sentence-transformers
+embedding model (the packaged all-MiniLM-L6-v2 by default).
+
+Each distinct query in a batch is embedded once, so a 100-document request costs one query forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sidecar.scoring._st import model_max_length, quiet_transformers, to_device
+from sidecar.scoring.base import Measure, Pair, Scorer
+from sidecar.scoring.device import Placement
+from sidecar.settings import Settings
+from sidecar.types import ModelInfo
+
+
+class BiEncoderScorer(Scorer):
+    def __init__(self, source, placement: Placement, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        quiet_transformers()
+        self.placement = placement
+        self.model = SentenceTransformer(
+            source.path_or_id,
+            device=placement.device,
+            revision=None if source.local else source.revision,
+            local_files_only=source.local,
+            trust_remote_code=settings.trust_remote_code,
+            model_kwargs={"dtype": placement.torch_dtype(), "attn_implementation": placement.attention},
+        )
+        self.model.eval()
+        if settings.max_length:
+            self.model.max_seq_length = settings.max_length
+        self.tokenizer = self.model.tokenizer
+        self.max_length = model_max_length(self.model.max_seq_length, getattr(self.model[0], "config", None))
+        self._device = torch.device(placement.device)
+        self.info = ModelInfo(
+            model_id=source.model_id,
+            revision=source.revision,
+            backend="bi-encoder",
+            device=str(self._device),
+            dtype=placement.dtype,
+            attention=placement.attention,
+            max_length=self.max_length,
+            accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),
+        )
+
+    def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
+        enc = self.tokenizer([p.document for p in pairs], truncation=False, add_special_tokens=True, verbose=False)
+        return [Measure(min(len(ids), self.max_length), len(ids) > self.max_length) for ids in enc["input_ids"]]
+
+    def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
+        import torch
+
+        features = self.model.preprocess(texts)
+        emb = self.model(to_device(features, self._device))["sentence_embedding"].float()
+        return torch.nn.functional.normalize(emb, p=2, dim=1)
+
+    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+        import torch
+
+        queries = list(dict.fromkeys((p.instruction or "") + p.query for p in pairs))
+        q_row = {q: i for i, q in enumerate(queries)}
+        with torch.inference_mode():
+            q_emb = self._embed(queries)
+            d_emb = self._embed([p.document for p in pairs])
+            rows = torch.tensor([q_row[(p.instruction or "") + p.query] for p in pairs], device=q_emb.device)
+            scores = (q_emb[rows] * d_emb).sum(dim=1)
+        return scores.cpu().numpy().astype(np.float32)

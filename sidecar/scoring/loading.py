@@ -1,0 +1,100 @@
+"""Resolves `--model` to something loadable, detects the scorer family and builds the scorer.
+
+Nothing is downloaded unless the user named a hub id: the default is the packaged all-MiniLM-L6-v2 and
+local directories load with `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.model_factory import PACKAGED_MODEL_NAME, packaged_embedding_model_dir
+from sidecar.scoring.base import Scorer
+from sidecar.scoring.device import resolve
+from sidecar.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path_or_id: str
+    model_id: str  # what Info reports
+    revision: str
+    local: bool
+
+
+def resolve_source(model: str | None, revision: str | None) -> ModelSource:
+    if model is None:
+        path = packaged_embedding_model_dir()
+        return ModelSource(str(path), f"{PACKAGED_MODEL_NAME} (packaged)", _content_revision(path), True)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return ModelSource(str(path.resolve()), str(path.resolve()), _content_revision(path), True)
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ValueError(f"--model {model!r} is not a model directory (expected config.json inside)")
+    # A hub id: the one case where we may download.
+    return ModelSource(model, model, revision or "main", False)
+
+
+def _content_revision(path: Path) -> str:
+    """A short content hash of the weights and configs, so Info names exactly what is serving."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.suffix == ".json"):
+            h.update(str(f.relative_to(path)).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return "sha256:" + h.hexdigest()[:12]
+
+
+def detect_backend(source: ModelSource) -> str:
+    """'cross-encoder' or 'bi-encoder', from the model's own configuration files."""
+    st_cfg = _read_config(source, "config_sentence_transformers.json")
+    if st_cfg.get("model_type") == "CrossEncoder":
+        return "cross-encoder"
+    if st_cfg.get("model_type") == "SentenceTransformer" or _read_config(source, "modules.json"):
+        return "bi-encoder"
+    archs = _read_config(source, "config.json").get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "cross-encoder"
+    return "bi-encoder"
+
+
+def _read_config(source: ModelSource, name: str) -> dict:
+    if source.local:
+        f = Path(source.path_or_id) / name
+        if not f.exists():
+            return {}
+        data = json.loads(f.read_text())
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+
+        try:
+            data = json.loads(Path(hf_hub_download(source.path_or_id, name, revision=source.revision)).read_text())
+        except EntryNotFoundError:
+            return {}
+    return data if isinstance(data, dict) else {"_list": data}
+
+
+def load_scorer(settings: Settings) -> Scorer:
+    source = resolve_source(settings.model, settings.revision)
+    backend = settings.backend if settings.backend != "auto" else detect_backend(source)
+    placement = resolve(settings.device, settings.dtype, settings.attention)
+    log.info("loading %s as %s on %s (%s, %s)", source.model_id, backend, placement.device,
+             placement.dtype, placement.attention)
+    if backend == "cross-encoder":
+        from sidecar.scoring.cross_encoder import CrossEncoderScorer
+
+        return CrossEncoderScorer(source, placement, settings)
+    from sidecar.scoring.bi_encoder import BiEncoderScorer
+
+    return BiEncoderScorer(source, placement, settings)

@@ -1,0 +1,191 @@
+"""The rerank service: validate -> job -> batcher -> sort, top_n. Shared by every front end.
+
+Front ends (gRPC, HTTP) translate their wire format to `RerankQuery`, call `rerank`, and translate the
+`RerankResult` or `RerankError` back. Readiness lives here so gRPC health and HTTP /health agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from sidecar.batcher import Batcher
+from sidecar.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    NotReady,
+    RerankError,
+    outcome_label,
+)
+from sidecar.metrics import Metrics
+from sidecar.scoring.base import Pair, Scorer
+from sidecar.settings import Settings
+from sidecar.types import HitStatus, ModelInfo, RankedHit, RerankQuery, RerankResult, Timings
+
+log = logging.getLogger(__name__)
+
+WARMUP_QUERY = "what does a reranker do"
+WARMUP_DOCS = (
+    "A reranker scores each candidate document against the query and reorders the candidates.",
+    "Bananas are rich in potassium.",
+)
+
+
+class RerankService:
+    def __init__(self, settings: Settings, metrics: Metrics, scorer: Scorer | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.scorer = scorer
+        self.batcher: Batcher | None = None
+        self._loaded = False
+        self._draining = False
+        # Tokenising (measuring) runs beside inference so a big request never blocks the event loop.
+        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._loaded and not self._draining
+
+    async def start(self) -> None:
+        """Load the model (in a thread), start the batcher, run the warm-up batch, then report ready."""
+        loop = asyncio.get_running_loop()
+        if self.scorer is None:
+            from sidecar.scoring.loading import load_scorer
+
+            self.scorer = await loop.run_in_executor(None, load_scorer, self.settings)
+        s = self.settings
+        self.batcher = Batcher(
+            self.scorer,
+            self.metrics,
+            max_batch_tokens=s.max_batch_tokens,
+            max_batch_pairs=s.max_batch_pairs,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue_pairs=s.max_queue_pairs,
+        )
+        self.batcher.start()
+        info = self.scorer.info
+        self.metrics.model_info.labels(info.model_id, info.revision, info.backend, info.device, info.dtype).set(1)
+        if s.warmup:
+            pairs = [Pair(WARMUP_QUERY, d) for d in WARMUP_DOCS]
+            await self.batcher.submit(pairs, [m.tokens for m in self.scorer.measure(pairs)], loop.time() + 600)
+        self._loaded = True
+        self.metrics.ready.set(1)
+        log.info("serving %s (%s on %s, %s)", info.model_id, info.backend, info.device, info.dtype)
+
+    def begin_drain(self) -> None:
+        """Stop taking new work; in-flight requests continue."""
+        self._draining = True
+        self.metrics.ready.set(0)
+
+    async def close(self) -> None:
+        if self.batcher:
+            await self.batcher.close()
+        self._prep.shutdown(wait=False)
+
+    def model_info(self) -> ModelInfo:
+        if self.scorer is None:
+            raise NotReady("the model is still loading")
+        return self.scorer.info
+
+    # ---- requests -----------------------------------------------------------------------------
+    async def rerank(self, query: RerankQuery, api: str) -> RerankResult:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await self._rerank(query, started)
+        except RerankError as exc:
+            error = exc
+            raise
+        except asyncio.CancelledError as exc:
+            error = exc
+            raise
+        except Exception as exc:
+            log.exception("unexpected error while reranking")
+            error = exc
+            raise InternalError("unexpected error") from exc
+        finally:
+            outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome_label(error)
+            self.metrics.requests.labels(api, outcome).inc()
+            self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)
+
+    async def _rerank(self, q: RerankQuery, started: float) -> RerankResult:
+        if not self.ready or self.scorer is None or self.batcher is None:
+            raise NotReady("the sidecar is shutting down" if self._draining else "the model is still loading")
+        self._validate(q, self.scorer)
+        loop = asyncio.get_running_loop()
+        deadline = q.deadline if q.deadline is not None else loop.time() + self.settings.default_timeout_s
+        pairs = [Pair(q.query, d.model_text(), q.instruction or None) for d in q.documents]
+
+        t0 = time.perf_counter()
+        measures = await loop.run_in_executor(self._prep, self.scorer.measure, pairs)
+        self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
+        truncated = sum(m.truncated for m in measures)
+        if truncated:
+            self.metrics.truncated.inc(truncated)
+
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the request was queued; raise the client timeout")
+        try:
+            scores, stats = await asyncio.wait_for(
+                self.batcher.submit(pairs, [m.tokens for m in measures], deadline), remaining
+            )
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"deadline passed after {time.perf_counter() - started:.3f}s before all {len(pairs)} pairs were "
+                "scored; raise the client timeout, send fewer documents, or add capacity"
+            ) from exc
+
+        # Stable sort: equal scores keep first-stage (input) order.
+        order = sorted(range(len(pairs)), key=lambda i: -float(scores[i]))
+        top_n = q.top_n or len(order)
+        hits = [
+            RankedHit(
+                index=i,
+                id=q.documents[i].id,
+                score=float(scores[i]),
+                first_stage_score=q.documents[i].first_stage_score,
+                status=HitStatus.RERANKED,
+                truncated=measures[i].truncated,
+            )
+            for i in order[:top_n]
+        ]
+        info = self.scorer.info
+        timings = Timings(
+            queue_seconds=stats.queue_seconds,
+            inference_seconds=stats.inference_seconds,
+            total_seconds=time.perf_counter() - started,
+            batches=stats.batches,
+        )
+        return RerankResult(hits=hits, model_id=info.model_id, model_revision=info.revision, timings=timings)
+
+    def _validate(self, q: RerankQuery, scorer: Scorer) -> None:
+        s = self.settings
+        if not q.query or not q.query.strip():
+            raise InvalidInput("query is empty: send the search text in `query`")
+        if len(q.query) > s.max_query_chars:
+            raise InvalidInput(
+                f"query has {len(q.query)} characters, more than the limit of {s.max_query_chars}: shorten it"
+            )
+        n = len(q.documents)
+        if n == 0:
+            raise InvalidInput("no documents to rerank: send at least one in `documents`")
+        if n > s.max_documents:
+            raise InvalidInput(
+                f"{n} documents exceed this server's limit of {s.max_documents} per request: send at most "
+                f"{s.max_documents} (the operator can raise RERANK_MAX_DOCUMENTS)"
+            )
+        if q.top_n is not None and not 0 <= q.top_n <= n:
+            raise InvalidInput(f"top_n={q.top_n} is out of range: use 1..{n} (the number of documents), or 0 for all")
+        if q.instruction and not scorer.accepts_instruction:
+            raise InvalidInput(
+                f"model {scorer.info.model_id} takes no instruction: remove `instruction` from the request"
+            )
+        for i, d in enumerate(q.documents):
+            if d.first_stage_score is not None and not math.isfinite(d.first_stage_score):
+                raise InvalidInput(f"documents[{i}].first_stage_score is not a finite number")
