@@ -97,7 +97,9 @@ class Batcher:
     def queued_pairs(self) -> int:
         return self._queued_pairs
 
-    async def submit(self, pairs: Sequence[Pair], tokens: Sequence[int], deadline: float) -> tuple[np.ndarray, BatchStats]:
+    async def submit(
+        self, pairs: Sequence[Pair], tokens: Sequence[int], deadline: float
+    ) -> tuple[np.ndarray, BatchStats]:
         """Score `pairs` (with their token counts) before `deadline` (loop time).
 
         Raises Overloaded at once when the queue cannot take them, NotReady after close().
@@ -181,7 +183,9 @@ class Batcher:
         if self.max_wait_s <= 0:
             return
         until = loop.time() + self.max_wait_s
-        while sum(i.tokens for i in self._queue) < self.max_batch_tokens and (left := until - loop.time()) > 0:
+        while (
+            sum(i.tokens for i in self._queue) < self.max_batch_tokens and (left := until - loop.time()) > 0
+        ):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
@@ -209,8 +213,10 @@ class Batcher:
         batch: list[_Item] = []
         chosen: list[_Item] | None = None
         for item in ordered:
-            if batch and ((len(batch) + 1) * batch[0].tokens > self.max_batch_tokens
-                          or len(batch) >= self.max_batch_pairs):
+            if batch and (
+                (len(batch) + 1) * batch[0].tokens > self.max_batch_tokens
+                or len(batch) >= self.max_batch_pairs
+            ):
                 if any(i is head for i in batch):
                     chosen = batch
                     break

@@ -81,8 +81,10 @@ def _rerank(args: argparse.Namespace) -> int:
 
     with RerankerClient(args.target) as client:
         result = client.rerank(args.query, args.doc, top_n=args.top_n, timeout=args.timeout)
-    print(f"model {result.model_id} ({result.model_revision}); queue {result.timings.queue_seconds * 1000:.1f} ms, "
-          f"inference {result.timings.inference_seconds * 1000:.1f} ms")
+    print(
+        f"model {result.model_id} ({result.model_revision}); queue {result.timings.queue_seconds * 1000:.1f} ms, "
+        f"inference {result.timings.inference_seconds * 1000:.1f} ms"
+    )
     for rank, hit in enumerate(result.hits, 1):
         print(f"{rank:3d}. {hit.score:+.4f}  [{hit.index}] {args.doc[hit.index][:100]}")
     return 0
@@ -105,7 +107,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rerank-sidecar", description="Reranking sidecar for search engines (gRPC + HTTP, shared batches)."
+        prog="rerank-sidecar",
+        description="Reranking sidecar for search engines (gRPC + HTTP, shared batches).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

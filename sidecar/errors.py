@@ -66,6 +66,16 @@ _TABLE: dict[type[RerankError], Status] = {
     InternalError: Status(grpc.StatusCode.INTERNAL, 500),
 }
 
+
+# --- HTTP/JSON front end (added by the OpenSearch integration) ---------------------------------
+class InvalidSchema(InvalidInput):
+    """Well-formed JSON with a missing field or a field of the wrong type (HTTP 422). gRPC never raises
+    it: protobuf decoding already enforces the schema."""
+
+
+_TABLE[InvalidSchema] = Status(grpc.StatusCode.INVALID_ARGUMENT, 422)
+# -----------------------------------------------------------------------------------------------
+
 GENERIC_INTERNAL_MESSAGE = "internal error; the sidecar logged the details"
 
 

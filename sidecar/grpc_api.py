@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 
+from sidecar import __version__
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
-from sidecar import __version__
 from sidecar.errors import RerankError, public_message, status_of
 from sidecar.service import RerankService
 from sidecar.types import Document, HitStatus, RerankQuery, RerankResult

@@ -56,20 +56,35 @@ class SidecarProcess:
 
     def start(self) -> SidecarProcess:
         cmd = [
-            sys.executable, "-m", "sidecar", "serve", "--host", "127.0.0.1",
-            "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-            "--metrics-port", str(self.metrics_port), *self.args,
+            sys.executable,
+            "-m",
+            "sidecar",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            *self.args,
         ]
         env = {**os.environ, **(self.env or {})}
         self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT if self._log else None)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if self._log else None,
+        )
         until = time.monotonic() + self.ready_timeout
         with grpc.insecure_channel(self.grpc_target) as channel:
             while time.monotonic() < until:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the sidecar exited with code {self.proc.returncode} before serving: "
-                                       f"{' '.join(cmd)}")
+                    raise RuntimeError(
+                        f"the sidecar exited with code {self.proc.returncode} before serving: {' '.join(cmd)}"
+                    )
                 if check(channel, timeout=1.0):
                     return self
                 time.sleep(0.2)

@@ -19,23 +19,32 @@ class Metrics:
             "reranker_requests", "Rerank requests by API and outcome.", ["api", "outcome"], registry=r
         )
         self.request_seconds = Histogram(
-            "reranker_request_seconds", "End-to-end request time in the server.", ["api"],
-            buckets=_SECONDS, registry=r,
+            "reranker_request_seconds",
+            "End-to-end request time in the server.",
+            ["api"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "reranker_queue_seconds", "Time a request waited before its first batch started.",
-            buckets=_SECONDS, registry=r,
+            "reranker_queue_seconds",
+            "Time a request waited before its first batch started.",
+            buckets=_SECONDS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
             "reranker_inference_seconds", "Forward-pass time of one batch.", buckets=_SECONDS, registry=r
         )
         self.tokenize_seconds = Histogram(
-            "reranker_tokenize_seconds", "Time to measure (tokenise) a request's pairs.", buckets=_SECONDS,
+            "reranker_tokenize_seconds",
+            "Time to measure (tokenise) a request's pairs.",
+            buckets=_SECONDS,
             registry=r,
         )
         self.batch_pairs = Histogram("reranker_batch_pairs", "Pairs per batch.", buckets=_PAIRS, registry=r)
         self.batch_tokens = Histogram(
-            "reranker_batch_tokens", "Padded tokens per batch (longest pair x pairs).", buckets=_TOKENS,
+            "reranker_batch_tokens",
+            "Padded tokens per batch (longest pair x pairs).",
+            buckets=_TOKENS,
             registry=r,
         )
         self.batch_real_tokens = Histogram(
@@ -49,15 +58,18 @@ class Metrics:
         self.pairs_dropped = Counter(
             "reranker_pairs_dropped",
             "Pairs removed before scoring because their request expired or was cancelled.",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.truncated = Counter(
             "reranker_documents_truncated", "Pairs truncated to the model's max length.", registry=r
         )
         self.ready = Gauge("reranker_ready", "1 when serving, 0 when loading or draining.", registry=r)
         self.model_info = Gauge(
-            "reranker_model_info", "The served model (value is always 1).",
-            ["model", "revision", "backend", "device", "dtype"], registry=r,
+            "reranker_model_info",
+            "The served model (value is always 1).",
+            ["model", "revision", "backend", "device", "dtype"],
+            registry=r,
         )
 
     def render(self) -> bytes:

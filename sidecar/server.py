@@ -56,9 +56,11 @@ class SidecarServer:
         pb_grpc.add_RerankerServiceServicer_to_server(RerankerServicer(self.service), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["RerankerService"].full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                pb.DESCRIPTOR.services_by_name["RerankerService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.grpc_port = server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
@@ -69,8 +71,15 @@ class SidecarServer:
         self._grpc = server
         await self._start_http()
         self._start_metrics()
-        log.info("listening: grpc %s:%d, http %s:%d, metrics %s:%d", s.host, self.grpc_port, s.host,
-                 self.http_port, s.host, self.metrics_port)
+        log.info(
+            "listening: grpc %s:%d, http %s:%d, metrics %s:%d",
+            s.host,
+            self.grpc_port,
+            s.host,
+            self.http_port,
+            s.host,
+            self.metrics_port,
+        )
         self.loaded = asyncio.get_running_loop().create_task(self._load(), name="load-model")
 
     async def _load(self) -> None:
@@ -97,8 +106,9 @@ class SidecarServer:
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
 
-        server, _ = start_http_server(self.settings.metrics_port, addr=self.settings.host,
-                                      registry=self.metrics.registry)
+        server, _ = start_http_server(
+            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
+        )
         self._metrics_server = server
         self.metrics_port = server.server_port
 

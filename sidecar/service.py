@@ -69,10 +69,14 @@ class RerankService:
         )
         self.batcher.start()
         info = self.scorer.info
-        self.metrics.model_info.labels(info.model_id, info.revision, info.backend, info.device, info.dtype).set(1)
+        self.metrics.model_info.labels(
+            info.model_id, info.revision, info.backend, info.device, info.dtype
+        ).set(1)
         if s.warmup:
             pairs = [Pair(WARMUP_QUERY, d) for d in WARMUP_DOCS]
-            await self.batcher.submit(pairs, [m.tokens for m in self.scorer.measure(pairs)], loop.time() + 600)
+            await self.batcher.submit(
+                pairs, [m.tokens for m in self.scorer.measure(pairs)], loop.time() + 600
+            )
         self._loaded = True
         self.metrics.ready.set(1)
         log.info("serving %s (%s on %s, %s)", info.model_id, info.backend, info.device, info.dtype)
@@ -130,7 +134,9 @@ class RerankService:
 
         remaining = deadline - loop.time()
         if remaining <= 0:
-            raise DeadlineExceeded("the deadline passed before the request was queued; raise the client timeout")
+            raise DeadlineExceeded(
+                "the deadline passed before the request was queued; raise the client timeout"
+            )
         try:
             scores, stats = await asyncio.wait_for(
                 self.batcher.submit(pairs, [m.tokens for m in measures], deadline), remaining
@@ -181,7 +187,9 @@ class RerankService:
                 f"{s.max_documents} (the operator can raise RERANK_MAX_DOCUMENTS)"
             )
         if q.top_n is not None and not 0 <= q.top_n <= n:
-            raise InvalidInput(f"top_n={q.top_n} is out of range: use 1..{n} (the number of documents), or 0 for all")
+            raise InvalidInput(
+                f"top_n={q.top_n} is out of range: use 1..{n} (the number of documents), or 0 for all"
+            )
         if q.instruction and not scorer.accepts_instruction:
             raise InvalidInput(
                 f"model {scorer.info.model_id} takes no instruction: remove `instruction` from the request"

@@ -28,16 +28,15 @@ class Settings(BaseSettings):
         "downloads anything.",
     )
     revision: str | None = Field(
-        None, description="Hub revision (branch, tag or commit) when --model is a hub id; pins what is served."
+        None,
+        description="Hub revision (branch, tag or commit) when --model is a hub id; pins what is served.",
     )
     backend: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
         "auto",
         description="Scorer family. 'auto' reads the model directory: a sentence-transformers embedding "
         "model becomes a bi-encoder, anything else a cross-encoder.",
     )
-    device: str = Field(
-        "auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
-    )
+    device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Inference precision. 'auto' is bfloat16 on CUDA and on CPUs with native bf16 "

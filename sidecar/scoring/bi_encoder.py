@@ -6,6 +6,8 @@ Each distinct query in a batch is embedded once, so a 100-document request costs
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +37,10 @@ class BiEncoderScorer(Scorer):
         self.model.eval()
         if settings.max_length:
             self.model.max_seq_length = settings.max_length
-        self.tokenizer = self.model.tokenizer
+        # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
+        # and scoring (the model thread) must never share one, and measuring is serialised.
+        self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)
+        self._measure_lock = threading.Lock()
         self.max_length = model_max_length(self.model.max_seq_length, getattr(self.model[0], "config", None))
         self._device = torch.device(placement.device)
         self.info = ModelInfo(
@@ -50,8 +55,13 @@ class BiEncoderScorer(Scorer):
         )
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
-        enc = self.tokenizer([p.document for p in pairs], truncation=False, add_special_tokens=True, verbose=False)
-        return [Measure(min(len(ids), self.max_length), len(ids) > self.max_length) for ids in enc["input_ids"]]
+        with self._measure_lock:
+            enc = self._measure_tokenizer(
+                [p.document for p in pairs], truncation=False, add_special_tokens=True, verbose=False
+            )
+        return [
+            Measure(min(len(ids), self.max_length), len(ids) > self.max_length) for ids in enc["input_ids"]
+        ]
 
     def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
         import torch

@@ -7,6 +7,8 @@ semantics (the model's own activation function); batching, ordering and precisio
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,7 +42,10 @@ class CrossEncoderScorer(Scorer):
                 f"{source.model_id} has {self.model.num_labels} output labels; a reranker needs exactly one "
                 "relevance score (pick a reranker / cross-encoder checkpoint)"
             )
-        self.tokenizer = self.model.tokenizer
+        # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
+        # and scoring (the model thread) must never share one, and measuring is serialised.
+        self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)
+        self._measure_lock = threading.Lock()
         self.max_length = settings.max_length or model_max_length(
             self.model.max_length, getattr(self.model[0], "config", None)
         )
@@ -63,10 +68,17 @@ class CrossEncoderScorer(Scorer):
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
         texts = self._texts(pairs)
-        enc = self.tokenizer(
-            [q for q, _ in texts], [d for _, d in texts], truncation=False, add_special_tokens=True, verbose=False
-        )
-        return [Measure(min(len(ids), self.max_length), len(ids) > self.max_length) for ids in enc["input_ids"]]
+        with self._measure_lock:
+            enc = self._measure_tokenizer(
+                [q for q, _ in texts],
+                [d for _, d in texts],
+                truncation=False,
+                add_special_tokens=True,
+                verbose=False,
+            )
+        return [
+            Measure(min(len(ids), self.max_length), len(ids) > self.max_length) for ids in enc["input_ids"]
+        ]
 
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         import torch

@@ -56,5 +56,7 @@ def resolve(device: str, dtype: str, attention: str) -> Placement:
     if attention == "auto":
         attention = "flash_attention_2" if (on_cuda and has_flash and dtype != "float32") else "sdpa"
     if attention == "flash_attention_2" and not (on_cuda and has_flash):
-        raise ValueError("--attention flash_attention_2 needs CUDA and the flash-attn package (the [gpu] extra)")
+        raise ValueError(
+            "--attention flash_attention_2 needs CUDA and the flash-attn package (the [gpu] extra)"
+        )
     return Placement(device=device, dtype=dtype, attention=attention)

@@ -79,7 +79,9 @@ def _read_config(source: ModelSource, name: str) -> dict:
         from huggingface_hub.utils import EntryNotFoundError
 
         try:
-            data = json.loads(Path(hf_hub_download(source.path_or_id, name, revision=source.revision)).read_text())
+            data = json.loads(
+                Path(hf_hub_download(source.path_or_id, name, revision=source.revision)).read_text()
+            )
         except EntryNotFoundError:
             return {}
     return data if isinstance(data, dict) else {"_list": data}
@@ -89,8 +91,14 @@ def load_scorer(settings: Settings) -> Scorer:
     source = resolve_source(settings.model, settings.revision)
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
     placement = resolve(settings.device, settings.dtype, settings.attention)
-    log.info("loading %s as %s on %s (%s, %s)", source.model_id, backend, placement.device,
-             placement.dtype, placement.attention)
+    log.info(
+        "loading %s as %s on %s (%s, %s)",
+        source.model_id,
+        backend,
+        placement.device,
+        placement.dtype,
+        placement.attention,
+    )
     if backend == "cross-encoder":
         from sidecar.scoring.cross_encoder import CrossEncoderScorer
 

@@ -1,0 +1,318 @@
+"""HTTP/JSON front end: translates JSON bodies to `RerankQuery` and results back; computes nothing.
+
+Served on the same event loop, service and batcher as gRPC, so OpenSearch connectors, Cohere-style
+clients and gRPC clients share batches. One request shape, three answer shapes (see
+sidecar.opensearch.mlcommons for the ml-commons facts behind them):
+
+  POST /v1/rerank, /v2/rerank   {"results": [{"index", "relevance_score"}], ...}   Cohere clients,
+                                connector.post_process.cohere.rerank
+  POST /v1/opensearch/rerank    [{"index", "relevance_score"}, ...]                 connector.post_process.default.rerank
+  POST /v1/opensearch/scores    {"scores": [float per document, in input order]}    ml_inference + rerank.by_field
+
+Request: {"query": str, "documents": [str | {"text", "title"?, "id"?} | [str, ...]], "top_n"?: int,
+"instruction"?: str, "return_documents"?: bool}. Unknown fields are ignored (Cohere clients send `model`).
+The `x-rerank-timeout-ms` header sets the deadline. GET /health (/healthz), /metrics, /v1/info.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.errors import (
+    InternalError,
+    InvalidInput,
+    InvalidSchema,
+    PayloadTooLarge,
+    RerankError,
+    outcome_label,
+    public_message,
+    status_of,
+)
+from sidecar.metrics import Metrics
+from sidecar.opensearch import mlcommons
+from sidecar.service import RerankService
+from sidecar.settings import Settings
+from sidecar.types import Document, HitStatus, RankedHit, RerankQuery, RerankResult
+
+log = logging.getLogger(__name__)
+
+API = "http"
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+JSON_TYPE = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ---- request translation ----------------------------------------------------------------------
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_json(body: bytes) -> Any:
+    """Bytes -> JSON value; InvalidInput (400) for non-UTF-8, malformed JSON, NaN/Infinity or absurd nesting."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"the body is not valid UTF-8 (byte {exc.start}): send UTF-8 encoded JSON") from exc
+    if not text.strip():
+        raise InvalidInput("the body is empty: send a JSON object with `query` and `documents`")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except ValueError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidInput("malformed JSON: nested too deeply") from exc
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _document(i: int, raw: Any) -> Document:
+    if isinstance(raw, str):
+        return Document(text=raw)
+    if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+        # A multi-valued field, as ml_inference sends it; joined like neural-search joins list values.
+        return Document(text=" ".join(raw))
+    if isinstance(raw, dict):
+        text = raw.get("text")
+        if not isinstance(text, str):
+            raise InvalidSchema(f"documents[{i}].text must be a string, got {_type_name(text)}")
+        title = raw.get("title")
+        if title is not None and not isinstance(title, str):
+            raise InvalidSchema(f"documents[{i}].title must be a string or null, got {_type_name(title)}")
+        doc_id = raw.get("id", "")
+        if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
+            raise InvalidSchema(f"documents[{i}].id must be a string, got {_type_name(doc_id)}")
+        return Document(text=text, title=title or None, id=str(doc_id))
+    raise InvalidSchema(
+        f"documents[{i}] must be a string or an object with `text`, got {_type_name(raw)}"
+    )
+
+
+def parse_request(obj: Any, deadline: float | None, all_documents: bool = False) -> tuple[RerankQuery, bool]:
+    """JSON value -> (RerankQuery, return_documents); InvalidSchema (422) for missing or mistyped fields."""
+    if not isinstance(obj, dict):
+        raise InvalidSchema(f"the body must be a JSON object, got {_type_name(obj)}")
+    if "query" not in obj:
+        raise InvalidSchema("missing field `query`: the search text to rerank against")
+    query = obj["query"]
+    if not isinstance(query, str):
+        raise InvalidSchema(f"`query` must be a string, got {_type_name(query)}")
+    if "documents" not in obj:
+        raise InvalidSchema("missing field `documents`: an array of strings or objects with `text`")
+    raw_docs = obj["documents"]
+    if not isinstance(raw_docs, list):
+        raise InvalidSchema(f"`documents` must be an array, got {_type_name(raw_docs)}")
+    documents = [_document(i, d) for i, d in enumerate(raw_docs)]
+    top_n = obj.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+        raise InvalidSchema(f"`top_n` must be a non-negative integer, got {top_n!r}")
+    if all_documents or not top_n:
+        top_n = None
+    else:
+        top_n = min(top_n, len(documents)) or None  # Cohere semantics: more than there are means all
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise InvalidSchema(f"`instruction` must be a string, got {_type_name(instruction)}")
+    return_documents = obj.get("return_documents", False)
+    if not isinstance(return_documents, bool):
+        raise InvalidSchema(f"`return_documents` must be a boolean, got {_type_name(return_documents)}")
+    q = RerankQuery(query=query, documents=documents, top_n=top_n, instruction=instruction or None,
+                    deadline=deadline)
+    return q, return_documents
+
+
+def parse_deadline(request: web.Request) -> float | None:
+    raw = request.headers.get(mlcommons.TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not ms > 0 or ms == float("inf"):
+        raise InvalidInput(f"header {mlcommons.TIMEOUT_HEADER} must be a positive number of milliseconds")
+    return asyncio.get_running_loop().time() + ms / 1000.0
+
+
+# ---- response translation ---------------------------------------------------------------------
+def _entry(hit: RankedHit) -> dict[str, Any]:
+    entry: dict[str, Any] = {"index": hit.index, "relevance_score": mlcommons.encode_score(hit.score)}
+    if hit.status is not HitStatus.RERANKED:
+        entry["fallback_reason"] = hit.fallback_reason or hit.status.value
+    return entry
+
+
+def cohere_body(result: RerankResult, q: RerankQuery, return_documents: bool) -> dict[str, Any]:
+    results = []
+    for hit in result.hits:
+        entry = _entry(hit)
+        if return_documents:
+            entry["document"] = {"text": q.documents[hit.index].text}
+        results.append(entry)
+    return {"id": str(uuid.uuid4()), "results": results, "model": result.model_id}
+
+
+def list_body(result: RerankResult) -> list[dict[str, Any]]:
+    return [_entry(hit) for hit in result.hits]
+
+
+def scores_body(result: RerankResult, n: int) -> dict[str, Any]:
+    scores: list[float | None] = [None] * n
+    for hit in result.hits:
+        scores[hit.index] = mlcommons.encode_score(hit.score)
+    if any(s is None for s in scores):
+        raise InternalError(f"the service returned {len(result.hits)} hits for {n} documents")
+    return {"scores": scores}
+
+
+def _headers(result: RerankResult) -> dict[str, str]:
+    headers = {"x-rerank-model": result.model_id}
+    fallback = sum(h.status is not HitStatus.RERANKED for h in result.hits)
+    if fallback:
+        headers["x-rerank-fallback"] = str(fallback)
+    truncated = sum(h.truncated for h in result.hits)
+    if truncated:
+        headers["x-rerank-truncated"] = str(truncated)
+    return headers
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return web.Response(text=text, status=status, content_type=JSON_TYPE, charset="utf-8", headers=headers)
+
+
+def error_response(err: BaseException) -> web.Response:
+    status = status_of(err)
+    code = err.code if isinstance(err, RerankError) and not isinstance(err, InternalError) else "internal"
+    body = {"error": {"code": code, "message": public_message(err), "status": status.http}}
+    return json_response(body, status=status.http)
+
+
+# ---- the app ----------------------------------------------------------------------------------
+class HttpApi:
+    def __init__(self, service: RerankService, metrics: Metrics, settings: Settings) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.max_body_bytes = int(getattr(settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+
+    def _rejected(self, err: RerankError) -> web.Response:
+        # Refused before the service saw it, so the service's request counter did not count it.
+        self.metrics.requests.labels(API, outcome_label(err)).inc()
+        return error_response(err)
+
+    async def _read(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise PayloadTooLarge(self._too_large(request.content_length))
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise PayloadTooLarge(self._too_large(None)) from exc
+
+    def _too_large(self, size: int | None) -> str:
+        got = f"{size} bytes" if size is not None else "the body"
+        return (f"{got} exceed the limit of {self.max_body_bytes} bytes: send fewer or shorter documents "
+                "(the operator can raise RERANK_MAX_BODY_BYTES)")
+
+    def _endpoint(self, shape: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                body = await self._read(request)
+                deadline = parse_deadline(request)
+                q, return_documents = parse_request(decode_json(body), deadline, all_documents=shape == "scores")
+            except RerankError as err:
+                return self._rejected(err)
+            try:
+                result = await self.service.rerank(q, API)
+                if shape == "cohere":
+                    payload: Any = cohere_body(result, q, return_documents)
+                elif shape == "list":
+                    payload = list_body(result)
+                else:
+                    payload = scores_body(result, len(q.documents))
+                return json_response(payload, headers=_headers(result))
+            except RerankError as err:
+                return error_response(err)
+
+        return handle
+
+    async def health(self, request: web.Request) -> web.Response:
+        ready = self.service.ready
+        return json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def info(self, request: web.Request) -> web.Response:
+        try:
+            info = self.service.model_info()
+        except RerankError as err:
+            return error_response(err)
+        s = self.service.settings
+        return json_response(
+            {
+                "model_id": info.model_id,
+                "model_revision": info.revision,
+                "backend": info.backend,
+                "device": info.device,
+                "dtype": info.dtype,
+                "max_length": info.max_length,
+                "accepts_instruction": info.accepts_instruction,
+                "max_documents": s.max_documents,
+                "max_body_bytes": self.max_body_bytes,
+                "ready": self.service.ready,
+            }
+        )
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON: routing errors keep their status, anything unexpected is a generic 500."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(PayloadTooLarge("the body exceeds the configured size limit"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": exc.reason, "status": exc.status}}
+        return json_response(body, status=exc.status, headers={k: v for k, v in exc.headers.items()
+                                                              if k.lower() == "allow"})
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error_response(exc)
+
+
+def create_app(service: RerankService, metrics: Metrics, settings: Settings) -> web.Application:
+    api = HttpApi(service, metrics, settings)
+    # client_max_size also bounds chunked bodies, which carry no Content-Length to check up front.
+    app = web.Application(client_max_size=api.max_body_bytes, middlewares=[_json_errors])
+    app["api"] = api
+    for path, shape in (
+        (mlcommons.PATH_COHERE, "cohere"),
+        ("/v2/rerank", "cohere"),
+        (mlcommons.PATH_LIST, "list"),
+        (mlcommons.PATH_SCORES, "scores"),
+    ):
+        app.router.add_post(path, api._endpoint(shape))
+    app.router.add_get("/health", api.health)
+    app.router.add_get("/healthz", api.health)
+    app.router.add_get("/metrics", api.metrics_endpoint)
+    app.router.add_get("/v1/info", api.info)
+    return app
