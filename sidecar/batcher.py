@@ -11,6 +11,7 @@ never blocks on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -139,10 +140,8 @@ class Batcher:
         self._closed = True
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for item in self._queue:
             if not item.job.future.done():
                 item.job.future.set_exception(NotReady("the sidecar shut down before this request ran"))

@@ -81,9 +81,10 @@ def _rerank(args: argparse.Namespace) -> int:
 
     with RerankerClient(args.target) as client:
         result = client.rerank(args.query, args.doc, top_n=args.top_n, timeout=args.timeout)
+    t = result.timings
     print(
-        f"model {result.model_id} ({result.model_revision}); queue {result.timings.queue_seconds * 1000:.1f} ms, "
-        f"inference {result.timings.inference_seconds * 1000:.1f} ms"
+        f"model {result.model_id} ({result.model_revision}); queue {t.queue_seconds * 1000:.1f} ms, "
+        f"inference {t.inference_seconds * 1000:.1f} ms"
     )
     for rank, hit in enumerate(result.hits, 1):
         print(f"{rank:3d}. {hit.score:+.4f}  [{hit.index}] {args.doc[hit.index][:100]}")
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(p)
     p.set_defaults(func=_serve)
 
-    target = {"default": "127.0.0.1:50051", "help": "gRPC address of the sidecar"}
+    target: dict[str, typing.Any] = {"default": "127.0.0.1:50051", "help": "gRPC address of the sidecar"}
     p = sub.add_parser("health", help="exit 0 if the sidecar reports SERVING (for probes and scripts)")
     p.add_argument("--target", **target)
     p.add_argument("--service", default="", help="health service name ('' = whole server)")

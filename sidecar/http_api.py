@@ -4,10 +4,12 @@ Served on the same event loop, service and batcher as gRPC, so OpenSearch connec
 clients and gRPC clients share batches. One request shape, three answer shapes (see
 sidecar.opensearch.mlcommons for the ml-commons facts behind them):
 
-  POST /v1/rerank, /v2/rerank   {"results": [{"index", "relevance_score"}], ...}   Cohere clients,
-                                connector.post_process.cohere.rerank
-  POST /v1/opensearch/rerank    [{"index", "relevance_score"}, ...]                 connector.post_process.default.rerank
-  POST /v1/opensearch/scores    {"scores": [float per document, in input order]}    ml_inference + rerank.by_field
+  POST /v1/rerank, /v2/rerank  {"results": [{"index", "relevance_score"}], ...}
+      for Cohere clients and connector.post_process.cohere.rerank
+  POST /v1/opensearch/rerank   [{"index", "relevance_score"}, ...]
+      for connector.post_process.default.rerank
+  POST /v1/opensearch/scores   {"scores": [one float per document, in input order]}
+      for ml_inference + rerank.by_field
 
 Request: {"query": str, "documents": [str | {"text", "title"?, "id"?} | [str, ...]], "top_n"?: int,
 "instruction"?: str, "return_documents"?: bool}. Unknown fields are ignored (Cohere clients send `model`).
@@ -56,11 +58,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def decode_json(body: bytes) -> Any:
-    """Bytes -> JSON value; InvalidInput (400) for non-UTF-8, malformed JSON, NaN/Infinity or absurd nesting."""
+    """Bytes -> JSON value; InvalidInput (400) for non-UTF-8, malformed JSON, NaN/Infinity, deep nesting."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidInput(f"the body is not valid UTF-8 (byte {exc.start}): send UTF-8 encoded JSON") from exc
+        raise InvalidInput(
+            f"the body is not valid UTF-8 (byte {exc.start}): send UTF-8 encoded JSON"
+        ) from exc
     if not text.strip():
         raise InvalidInput("the body is empty: send a JSON object with `query` and `documents`")
     try:
@@ -96,9 +100,7 @@ def _document(i: int, raw: Any) -> Document:
         if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
             raise InvalidSchema(f"documents[{i}].id must be a string, got {_type_name(doc_id)}")
         return Document(text=text, title=title or None, id=str(doc_id))
-    raise InvalidSchema(
-        f"documents[{i}] must be a string or an object with `text`, got {_type_name(raw)}"
-    )
+    raise InvalidSchema(f"documents[{i}] must be a string or an object with `text`, got {_type_name(raw)}")
 
 
 def parse_request(obj: Any, deadline: float | None, all_documents: bool = False) -> tuple[RerankQuery, bool]:
@@ -119,18 +121,17 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     top_n = obj.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
         raise InvalidSchema(f"`top_n` must be a non-negative integer, got {top_n!r}")
-    if all_documents or not top_n:
-        top_n = None
-    else:
-        top_n = min(top_n, len(documents)) or None  # Cohere semantics: more than there are means all
+    # Cohere semantics: 0 or absent means all, more than there are means all.
+    top_n = None if all_documents or not top_n else min(top_n, len(documents)) or None
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InvalidSchema(f"`instruction` must be a string, got {_type_name(instruction)}")
     return_documents = obj.get("return_documents", False)
     if not isinstance(return_documents, bool):
         raise InvalidSchema(f"`return_documents` must be a boolean, got {_type_name(return_documents)}")
-    q = RerankQuery(query=query, documents=documents, top_n=top_n, instruction=instruction or None,
-                    deadline=deadline)
+    q = RerankQuery(
+        query=query, documents=documents, top_n=top_n, instruction=instruction or None, deadline=deadline
+    )
     return q, return_documents
 
 
@@ -223,15 +224,19 @@ class HttpApi:
 
     def _too_large(self, size: int | None) -> str:
         got = f"{size} bytes" if size is not None else "the body"
-        return (f"{got} exceed the limit of {self.max_body_bytes} bytes: send fewer or shorter documents "
-                "(the operator can raise RERANK_MAX_BODY_BYTES)")
+        return (
+            f"{got} exceed the limit of {self.max_body_bytes} bytes: send fewer or shorter documents "
+            "(the operator can raise RERANK_MAX_BODY_BYTES)"
+        )
 
     def _endpoint(self, shape: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 body = await self._read(request)
                 deadline = parse_deadline(request)
-                q, return_documents = parse_request(decode_json(body), deadline, all_documents=shape == "scores")
+                q, return_documents = parse_request(
+                    decode_json(body), deadline, all_documents=shape == "scores"
+                )
             except RerankError as err:
                 return self._rejected(err)
             try:
@@ -255,7 +260,9 @@ class HttpApi:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def info(self, request: web.Request) -> web.Response:
         try:
@@ -289,9 +296,16 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body = {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": exc.reason, "status": exc.status}}
-        return json_response(body, status=exc.status, headers={k: v for k, v in exc.headers.items()
-                                                              if k.lower() == "allow"})
+        body = {
+            "error": {
+                "code": exc.reason.lower().replace(" ", "_"),
+                "message": exc.reason,
+                "status": exc.status,
+            }
+        }
+        return json_response(
+            body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        )
     except asyncio.CancelledError:
         raise
     except Exception as exc:

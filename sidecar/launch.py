@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class SidecarProcess:
         self.ready_timeout = ready_timeout
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: typing.IO[bytes] | None = None
 
     @property
     def grpc_target(self) -> str:

@@ -48,7 +48,7 @@ def build_bert_cross_encoder(
 
     tok = _tokenizer()
     torch.manual_seed(seed)
-    cfg = BertConfig(
+    cfg = BertConfig(  # type: ignore[call-arg]
         vocab_size=tok.vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,

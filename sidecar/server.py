@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import typing
 from collections.abc import AsyncIterator
 
 import grpc
@@ -45,8 +46,8 @@ class SidecarServer:
         self.http_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._http_runner = None
-        self._metrics_server = None
+        self._http_runner: typing.Any = None
+        self._metrics_server: typing.Any = None
         self.loaded: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

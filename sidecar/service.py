@@ -143,8 +143,8 @@ class RerankService:
             )
         except TimeoutError as exc:
             raise DeadlineExceeded(
-                f"deadline passed after {time.perf_counter() - started:.3f}s before all {len(pairs)} pairs were "
-                "scored; raise the client timeout, send fewer documents, or add capacity"
+                f"deadline passed after {time.perf_counter() - started:.3f}s before all {len(pairs)} pairs "
+                "were scored; raise the client timeout, send fewer documents, or add capacity"
             ) from exc
 
         # Stable sort: equal scores keep first-stage (input) order.

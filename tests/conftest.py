@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -121,7 +122,5 @@ def server_factory() -> Iterator:
 
     yield make
     for srv in servers:
-        try:
+        with contextlib.suppress(Exception):
             srv.stop(grace=1.0)
-        except Exception:
-            pass

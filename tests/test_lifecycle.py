@@ -36,7 +36,10 @@ def test_drain_finishes_in_flight_and_refuses_new_work(bert_scorer: Scorer) -> N
         assert rec.entered.wait(10)
         stopping = pool.submit(srv.call, srv.server.stop(10.0))
         deadline = time.monotonic() + 5
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=2).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        while (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            != health_pb2.HealthCheckResponse.NOT_SERVING
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         with pytest.raises(grpc.RpcError) as err:
@@ -51,7 +54,9 @@ def test_drain_finishes_in_flight_and_refuses_new_work(bert_scorer: Scorer) -> N
 
 
 def test_serve_process_answers_and_exits_cleanly_on_sigterm(bert_ce_dir: Path, tmp_path: Path) -> None:
-    sc = SidecarProcess(["--model", str(bert_ce_dir), "--drain-seconds", "5"], log_path=tmp_path / "serve.log")
+    sc = SidecarProcess(
+        ["--model", str(bert_ce_dir), "--drain-seconds", "5"], log_path=tmp_path / "serve.log"
+    )
     with sc:
         with RerankerClient(sc.grpc_target) as client:
             assert client.info().model_id == str(bert_ce_dir)
