@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         "(AMX / AVX512-BF16), float32 otherwise. bf16 is several times faster where the hardware has it "
         "and moves scores by about 1e-2; float32 matches sentence-transformers to 1e-5.",
     )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="CPU only: 'int8' quantises the Linear layers dynamically (int8 weights, fp32 "
+        "activations). About 1.5x faster on CPUs without bf16; scores move by about 1e-2 and close calls "
+        "can swap places, so check rankings on your data (`rerank-sidecar bench` reports agreement).",
+    )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
         description="Attention kernel. 'auto' uses flash-attn with unpadded (varlen) batches when it is "

@@ -24,3 +24,16 @@ def model_max_length(tokenizer_limit: int | None, config: Any, fallback: int = 5
     if tokenizer_limit and tokenizer_limit < 1_000_000:
         return int(tokenizer_limit)
     return int(getattr(config, "max_position_embeddings", fallback) or fallback)
+
+
+def quantize_int8(model: Any, placement: Any) -> None:
+    """Dynamic int8 quantisation of every Linear layer, in place (CPU, float32 models only)."""
+    import warnings
+
+    import torch
+
+    if placement.device != "cpu" or placement.dtype != "float32":
+        raise ValueError("--quantize int8 needs --device cpu and --dtype float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice points at torchao; the API still works
+        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sidecar.scoring._st import model_max_length, quiet_transformers, to_device
+from sidecar.scoring._st import model_max_length, quantize_int8, quiet_transformers, to_device
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
 from sidecar.settings import Settings
@@ -35,6 +35,10 @@ class BiEncoderScorer(Scorer):
             model_kwargs={"dtype": placement.torch_dtype(), "attn_implementation": placement.attention},
         )
         self.model.eval()
+        dtype_name = placement.dtype
+        if settings.quantize == "int8":
+            quantize_int8(self.model, placement)
+            dtype_name = "int8-dynamic"
         if settings.max_length:
             self.model.max_seq_length = settings.max_length
         # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
@@ -48,7 +52,7 @@ class BiEncoderScorer(Scorer):
             revision=source.revision,
             backend="bi-encoder",
             device=str(self._device),
-            dtype=placement.dtype,
+            dtype=dtype_name,
             attention=placement.attention,
             max_length=self.max_length,
             accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),

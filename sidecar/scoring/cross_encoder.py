@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sidecar.scoring._st import model_max_length, quiet_transformers, to_device
+from sidecar.scoring._st import model_max_length, quantize_int8, quiet_transformers, to_device
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
 from sidecar.settings import Settings
@@ -37,6 +37,10 @@ class CrossEncoderScorer(Scorer):
             max_length=settings.max_length,
         )
         self.model.eval()
+        dtype_name = placement.dtype
+        if settings.quantize == "int8":
+            quantize_int8(self.model, placement)
+            dtype_name = "int8-dynamic"
         if self.model.num_labels != 1:
             raise ValueError(
                 f"{source.model_id} has {self.model.num_labels} output labels; a reranker needs exactly one "
@@ -55,7 +59,7 @@ class CrossEncoderScorer(Scorer):
             revision=source.revision,
             backend="cross-encoder",
             device=str(self._device),
-            dtype=placement.dtype,
+            dtype=dtype_name,
             attention=placement.attention,
             max_length=self.max_length,
             accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),
