@@ -83,12 +83,21 @@ def _type_name(value: Any) -> str:
     )
 
 
+def _unicode(value: str, where: str) -> str:
+    # JSON can spell lone surrogates (\ud800) that no tokenizer accepts: refuse them here, not with a 500.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{where} holds an unpaired surrogate (\\u{ord(value[exc.start]):04x})") from exc
+    return value
+
+
 def _document(i: int, raw: Any) -> Document:
     if isinstance(raw, str):
-        return Document(text=raw)
+        return Document(text=_unicode(raw, f"documents[{i}]"))
     if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
         # A multi-valued field, as ml_inference sends it; joined like neural-search joins list values.
-        return Document(text=" ".join(raw))
+        return Document(text=_unicode(" ".join(raw), f"documents[{i}]"))
     if isinstance(raw, dict):
         text = raw.get("text")
         if not isinstance(text, str):
@@ -99,7 +108,11 @@ def _document(i: int, raw: Any) -> Document:
         doc_id = raw.get("id", "")
         if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
             raise InvalidSchema(f"documents[{i}].id must be a string, got {_type_name(doc_id)}")
-        return Document(text=text, title=title or None, id=str(doc_id))
+        return Document(
+            text=_unicode(text, f"documents[{i}].text"),
+            title=_unicode(title, f"documents[{i}].title") if title else None,
+            id=_unicode(str(doc_id), f"documents[{i}].id"),
+        )
     raise InvalidSchema(f"documents[{i}] must be a string or an object with `text`, got {_type_name(raw)}")
 
 
@@ -112,6 +125,7 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     query = obj["query"]
     if not isinstance(query, str):
         raise InvalidSchema(f"`query` must be a string, got {_type_name(query)}")
+    _unicode(query, "`query`")
     if "documents" not in obj:
         raise InvalidSchema("missing field `documents`: an array of strings or objects with `text`")
     raw_docs = obj["documents"]
@@ -126,6 +140,8 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InvalidSchema(f"`instruction` must be a string, got {_type_name(instruction)}")
+    if instruction:
+        _unicode(instruction, "`instruction`")
     return_documents = obj.get("return_documents", False)
     if not isinstance(return_documents, bool):
         raise InvalidSchema(f"`return_documents` must be a boolean, got {_type_name(return_documents)}")
@@ -317,7 +333,6 @@ def create_app(service: RerankService, metrics: Metrics, settings: Settings) -> 
     api = HttpApi(service, metrics, settings)
     # client_max_size also bounds chunked bodies, which carry no Content-Length to check up front.
     app = web.Application(client_max_size=api.max_body_bytes, middlewares=[_json_errors])
-    app["api"] = api
     for path, shape in (
         (mlcommons.PATH_COHERE, "cohere"),
         ("/v2/rerank", "cohere"),

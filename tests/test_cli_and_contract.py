@@ -58,3 +58,12 @@ def test_proto_passes_buf_lint() -> None:
     buf = shutil.which("buf") or str(Path(sys.executable).parent / "buf")
     out = subprocess.run([buf, "lint"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_readme_configuration_table_matches_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["config"])
+    args.func(args)
+    table = capsys.readouterr().out.strip()
+    assert table in (ROOT / "README.md").read_text(), (
+        "README's configuration table is stale: paste `rerank-sidecar config`"
+    )

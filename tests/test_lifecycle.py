@@ -66,3 +66,27 @@ def test_serve_process_answers_and_exits_cleanly_on_sigterm(bert_ce_dir: Path, t
         assert sc.proc.wait(30) == 0
     log = (tmp_path / "serve.log").read_text()
     assert "draining" in log and "stopped" in log
+
+
+def test_unreachable_hub_id_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.scoring.loading import ModelLoadError, load_scorer
+    from sidecar.settings import Settings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="pass --model DIR"):
+        load_scorer(Settings(model="cross-encoder/ms-marco-MiniLM-L6-v2"))
+
+
+def test_missing_model_directory_is_named() -> None:
+    from sidecar.scoring.loading import resolve_source
+
+    with pytest.raises(ValueError, match="not a model directory"):
+        resolve_source("./no-such-model-dir", None)
+
+
+def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a directory, but no model in it
+    sc = SidecarProcess(["--model", str(tmp_path)], ready_timeout=120, log_path=tmp_path / "serve.log")
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        sc.start()
+    assert "failed to load" in (tmp_path / "serve.log").read_text()

@@ -35,5 +35,7 @@ def quantize_int8(model: Any, placement: Any) -> None:
     if placement.device != "cpu" or placement.dtype != "float32":
         raise ValueError("--quantize int8 needs --device cpu and --dtype float32")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice points at torchao; the API still works
+        warnings.simplefilter(
+            "ignore"
+        )  # torch.ao's deprecation notice points at torchao; the API still works
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

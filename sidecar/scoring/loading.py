@@ -87,8 +87,42 @@ def _read_config(source: ModelSource, name: str) -> dict:
     return data if isinstance(data, dict) else {"_list": data}
 
 
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message says what to do."""
+
+
 def load_scorer(settings: Settings) -> Scorer:
     source = resolve_source(settings.model, settings.revision)
+    try:
+        return _load(source, settings)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        if not source.local and _is_hub_unreachable(exc):
+            raise ModelLoadError(
+                f"--model {source.path_or_id!r} is not a local directory, and the Hugging Face hub cannot be "
+                "reached (or HF_HUB_OFFLINE is set): download the model where the hub is reachable "
+                "(e.g. `hf download ID --local-dir DIR`) and pass --model DIR"
+            ) from exc
+        raise
+
+
+def _is_hub_unreachable(exc: BaseException) -> bool:
+    names = {
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+        "ConnectionError",
+        "ConnectError",
+        "HFValidationError",
+    }
+    while exc is not None:
+        if type(exc).__name__ in names or "offline" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _load(source: ModelSource, settings: Settings) -> Scorer:
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
     placement = resolve(settings.device, settings.dtype, settings.attention)
     log.info(

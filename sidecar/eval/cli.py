@@ -1,0 +1,342 @@
+"""The evaluator's subcommands (`replay`, `repro`, `dataset`), registered into `rerank-sidecar`.
+
+Registration imports nothing heavy: torch, pyserini and matplotlib load inside the handlers, so
+`rerank-sidecar --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+FIRST_STAGES = ("bm25", "dense", "opensearch")
+APIS = ("grpc", "http", "opensearch", "none")
+EXIT_RERANK_ERRORS = 3
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "replay",
+        help="replay a BEIR collection through first stage + sidecar; report quality and latency",
+        description=(
+            "Replay every query of a BEIR collection through a first stage (BM25, dense or OpenSearch) and the "
+            "sidecar, then report nDCG@10, MRR@10, MAP@100 and recall for both stages side by side, per-query "
+            "wins and losses with paired significance tests, latency per stage and throughput. With no --target "
+            "or --http-url, a local sidecar is started for the run."
+        ),
+    )
+    add_replay_arguments(p)
+    p.set_defaults(func=replay_command)
+
+    p = subparsers.add_parser(
+        "repro",
+        help="run the reproduction file's conditions and check their scores (OK / within tolerance / FAIL)",
+    )
+    p.add_argument("--file", default=None, help="reproduction file (default: repro/beir.toml of this checkout)")
+    p.add_argument("--fast", action="store_true", help="only the conditions marked fast (what CI runs)")
+    p.add_argument("--condition", action="append", default=[], help="run only this condition (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the conditions and their commands, run nothing")
+    p.add_argument("--output-root", default="runs/repro", help="where each condition's outputs go")
+    p.set_defaults(func=repro_command)
+
+    p = subparsers.add_parser("dataset", help="locate (download if needed) and describe a BEIR dataset")
+    _add_dataset_arguments(p)
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
+    p.set_defaults(func=dataset_command)
+
+
+def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset-dir", default=None,
+                   help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); wins over --dataset")
+    g.add_argument("--dataset", default=None,
+                   help="BEIR dataset name (default scifact): a local copy under ../shared/data/beir or the cache is "
+                        "used, else it is downloaded (checksum-verified) into the cache")
+    g.add_argument("--split", default="test", help="qrels split to evaluate (default test)")
+    g.add_argument("--cache-dir", default=None,
+                   help="cache for datasets, indexes and embeddings (default $RERANK_CACHE_DIR or "
+                        "~/.cache/rerank-sidecar)")
+
+
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    _add_dataset_arguments(p)
+    p.add_argument("--max-queries", type=int, default=None, help="replay only the first N judged queries")
+
+    g = p.add_argument_group("first stage")
+    g.add_argument("--first-stage", choices=FIRST_STAGES, default="bm25", help="default bm25 (pyserini/Lucene)")
+    g.add_argument("--hits", type=int, default=1000, help="first-stage hits per query (default 1000)")
+    g.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (default 0.9, pyserini's BEIR setting)")
+    g.add_argument("--b", type=float, default=0.4, help="BM25 b (default 0.4)")
+    g.add_argument("--dense-model", default=None,
+                   help="embedding model for --first-stage dense or OpenSearch knn (default: packaged all-MiniLM-L6-v2)")
+    g.add_argument("--dense-batch-size", type=int, default=32)
+    g.add_argument("--device", default=None, help="device for the dense model (default: sentence-transformers' choice)")
+    g.add_argument("--opensearch-url", default=None, help="OpenSearch URL (default $OPENSEARCH_URL)")
+    g.add_argument("--opensearch-index", default=None, help="index holding the corpus (default: the dataset name)")
+    g.add_argument("--opensearch-query", choices=("match", "knn"), default="match")
+    g.add_argument("--opensearch-fields", default="title,text", help="text fields for match (comma-separated)")
+    g.add_argument("--opensearch-knn-field", default="embedding", help="knn_vector field for --opensearch-query knn")
+
+    g = p.add_argument_group("rerank stage")
+    g.add_argument("--api", choices=APIS, default="grpc",
+                   help="how to reach the reranker: the sidecar over grpc (default) or http, an OpenSearch search "
+                        "pipeline (--opensearch-pipeline), or none (first stage only)")
+    g.add_argument("--depth", type=int, default=100, help="first-stage hits reranked per query (default 100)")
+    g.add_argument("--target", default=None, help="gRPC address of a running sidecar (else one is started)")
+    g.add_argument("--http-url", default=None, help="HTTP base URL of a running sidecar (else one is started)")
+    g.add_argument("--model", default=None, help="model for the locally started sidecar (default: its default)")
+    g.add_argument("--serve-args", default="", help="extra `serve` flags for the local sidecar, as one string")
+    g.add_argument("--opensearch-pipeline", default=None, help="search pipeline that reranks (with --api opensearch)")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per rerank call (default 120)")
+
+    g = p.add_argument_group("load")
+    g.add_argument("--concurrency", type=int, default=1, help="queries in flight (closed loop; default 1)")
+    g.add_argument("--qps", type=float, default=None,
+                   help="offered load in queries/s (open loop; latency counted from each query's due time)")
+    g.add_argument("--warmup", type=int, default=5, help="queries run first and discarded (default 5)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=None, help="output directory (default runs/<name>)")
+    g.add_argument("--name", default=None, help="run name (default <dataset>-<first stage>-<api>-<time>)")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--seed", type=int, default=0, help="seed of the randomization test")
+    g.add_argument("--max-rerank-errors", type=int, default=0,
+                   help=f"exit {EXIT_RERANK_ERRORS} when more rerank calls than this fail (default 0)")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _load_dataset(args: argparse.Namespace, progress: Any) -> Any:
+    from sidecar.eval import cache, datasets
+
+    if args.cache_dir:
+        # One knob for every cache user in this process (datasets, indexes, embeddings).
+        import os
+
+        os.environ[cache.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser())
+    task: list[Any] = []
+
+    def on_bytes(done: int, total: int | None) -> None:
+        if not task:
+            task.append(progress.add_task("downloading dataset", total=total))
+        progress.update(task[0], completed=done)
+
+    path, name = datasets.resolve(args.dataset_dir, args.dataset,
+                                  download_ok=not getattr(args, "no_download", False), progress=on_bytes)
+    return datasets.load(path, split=args.split, name=name)
+
+
+def _validate(args: argparse.Namespace) -> str | None:
+    if args.api == "opensearch" and (args.first_stage != "opensearch" or not args.opensearch_pipeline):
+        return "--api opensearch needs --first-stage opensearch and --opensearch-pipeline NAME"
+    if args.first_stage == "opensearch" and not (args.opensearch_url or _env("OPENSEARCH_URL")):
+        return "--first-stage opensearch needs --opensearch-url (or OPENSEARCH_URL)"
+    if args.depth > args.hits:
+        return f"--depth {args.depth} is more than --hits {args.hits}: the rerank stage can only see first-stage hits"
+    return None
+
+
+def _env(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+def _build_first_stage(args: argparse.Namespace, dataset: Any, progress: Any) -> Any:
+    if args.first_stage == "bm25":
+        from sidecar.eval.bm25 import LuceneBm25
+
+        return LuceneBm25(dataset, k1=args.k1, b=args.b, progress=progress)
+    if args.first_stage == "dense":
+        from sidecar.eval.dense import DenseExact
+
+        return DenseExact(dataset, model=args.dense_model, batch_size=args.dense_batch_size, device=args.device,
+                          progress=progress)
+    from sidecar.eval.opensearch_stage import OpenSearchFirstStage
+
+    encoder = None
+    if args.opensearch_query == "knn":
+        from sentence_transformers import SentenceTransformer
+
+        from sidecar.eval.dense import packaged_model_dir
+
+        model = SentenceTransformer(str(args.dense_model or packaged_model_dir()), device=args.device)
+
+        def encoder(q: str) -> Any:
+            return model.encode([q], normalize_embeddings=True, show_progress_bar=False)[0]
+
+    return OpenSearchFirstStage(
+        args.opensearch_url or _env("OPENSEARCH_URL") or "", args.opensearch_index or dataset.name,
+        mode=args.opensearch_query, fields=[f for f in args.opensearch_fields.split(",") if f],
+        knn_field=args.opensearch_knn_field, query_encoder=encoder,
+    )
+
+
+def _build_reranker(args: argparse.Namespace, first_stage: Any, out_dir: Path, stack: ExitStack,
+                    progress: Any) -> Any:
+    if args.api == "none" or args.depth == 0:
+        return None
+    if args.api == "opensearch":
+        from sidecar.eval.opensearch_stage import OpenSearchPipelineReranker
+
+        return OpenSearchPipelineReranker(first_stage, args.opensearch_pipeline)
+    from sidecar.eval.rerankers import GrpcReranker, HttpReranker
+
+    target, http_url = args.target, args.http_url
+    local = (args.api == "grpc" and not target) or (args.api == "http" and not http_url)
+    if local:
+        from sidecar.launch import SidecarProcess
+
+        serve = (["--model", args.model] if args.model else []) + shlex.split(args.serve_args)
+        log = out_dir / "sidecar.log"
+        task = progress.add_task(f"starting a local sidecar ({' '.join(serve) or 'default model'}); log {log}",
+                                 total=1)
+        sc = stack.enter_context(SidecarProcess(serve, log_path=log))
+        progress.update(task, completed=1)
+        target, http_url = sc.grpc_target, sc.http_url
+    if args.api == "grpc":
+        grpc_reranker = GrpcReranker(target, timeout=args.timeout)
+        stack.callback(grpc_reranker.close)
+        if not local:
+            grpc_reranker.wait_ready(timeout=60.0)
+        return grpc_reranker
+    http_reranker = HttpReranker(http_url, timeout=args.timeout)
+    stack.callback(http_reranker.close)
+    return http_reranker
+
+
+def _describe_reranker(args: argparse.Namespace, reranker: Any) -> dict[str, Any] | None:
+    if reranker is None:
+        return None
+    d = reranker.describe()
+    if args.api == "http" and args.target:
+        # HTTP has no Info call; a gRPC address, when given, still tells which model answered.
+        from sidecar.eval.rerankers import GrpcReranker
+
+        probe = GrpcReranker(args.target)
+        try:
+            d.update({k: v for k, v in probe.describe().items() if k not in ("api", "target")})
+        finally:
+            probe.close()
+    return d
+
+
+def _output_dir(args: argparse.Namespace, dataset_name: str) -> Path:
+    if args.output:
+        return Path(args.output)
+    api = "none" if args.api == "none" or args.depth == 0 else args.api
+    name = args.name or f"{dataset_name}-{args.first_stage}-{api}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / name
+
+
+def _command_line() -> list[str]:
+    """The command as a user would retype it (best effort: argv of whichever entry point ran us)."""
+    if sys.argv[1:2] == ["replay"]:
+        return ["rerank-sidecar", *sys.argv[1:]]
+    return list(sys.argv)
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    problem = _validate(args)
+    if problem:
+        print(f"replay: {problem}", file=sys.stderr)
+        return 2
+    from sidecar.eval import report
+    from sidecar.eval.datasets import DatasetError
+    from sidecar.eval.replay import ReplayConfig, replay
+
+    err = _console(stderr=True)
+    try:
+        config = ReplayConfig(hits=args.hits, depth=args.depth, concurrency=args.concurrency, qps=args.qps,
+                              warmup=args.warmup)
+    except ValueError as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return 2
+    with ExitStack() as stack:
+        progress = stack.enter_context(_progress(err))
+        try:
+            dataset = _load_dataset(args, progress)
+        except DatasetError as exc:
+            progress.stop()
+            print(f"replay: {exc}", file=sys.stderr)
+            return 2
+        for warning in dataset.warnings:
+            err.print(f"[yellow]{dataset.name}: {warning}[/]")
+        qids = dataset.query_ids(args.max_queries)
+        out_dir = _output_dir(args, dataset.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        first_stage = _build_first_stage(args, dataset, progress)
+        stack.callback(first_stage.close)
+        reranker = _build_reranker(args, first_stage, out_dir, stack, progress)
+        result = replay(dataset, qids, first_stage, reranker, config, progress)
+        progress.stop()
+        summary = report.build_result(
+            dataset, result, first_stage=first_stage.describe(), rerank=_describe_reranker(args, reranker),
+            command=_command_line(), seed=args.seed,
+        )
+        summary["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
+        report.write_outputs(out_dir, dataset, result, summary, plots=not args.no_plots)
+    report.print_summary(summary, _console())
+    print(f"outputs: {out_dir}/ ({', '.join(summary['files'].values())})")
+    errors = summary.get("errors", {}).get("rerank_errors", 0)
+    if errors > args.max_rerank_errors:
+        print(f"replay: {errors} rerank calls failed (allowed {args.max_rerank_errors})", file=sys.stderr)
+        return EXIT_RERANK_ERRORS
+    return 0
+
+
+def repro_command(args: argparse.Namespace) -> int:
+    from sidecar.eval import repro
+
+    try:
+        conditions = repro.load(repro.find_file(args.file))
+    except repro.ReproError as exc:
+        print(f"repro: {exc}", file=sys.stderr)
+        return 2
+    selected = repro.select(conditions, fast=args.fast, names=args.condition)
+    if not selected:
+        print("repro: no condition matches", file=sys.stderr)
+        return 2
+    if args.list:
+        for c in selected:
+            print(f"{c.name}{' (fast)' if c.fast else ''}: {c.command}")
+        return 0
+    outcomes = repro.run_all(selected, Path(args.output_root), console=_console())
+    return 0 if all(o.passed for o in outcomes) else 1
+
+
+def dataset_command(args: argparse.Namespace) -> int:
+    from sidecar.eval.datasets import DatasetError
+
+    err = _console(stderr=True)
+    with _progress(err) as progress:
+        try:
+            dataset = _load_dataset(args, progress)
+        except DatasetError as exc:
+            progress.stop()
+            print(f"dataset: {exc}", file=sys.stderr)
+            return 2
+    splits = sorted(p.stem for p in (dataset.path / "qrels").glob("*.tsv"))
+    judgments = sum(len(v) for v in dataset.qrels.values())
+    print(f"{dataset.name}: {dataset.path}")
+    print(f"  documents {len(dataset.corpus)}, queries {len(dataset.queries)}, splits {', '.join(splits)}")
+    print(f"  {dataset.split}: {len(dataset.query_ids())} judged queries, {judgments} judgments")
+    for warning in dataset.warnings:
+        print(f"  warning: {warning}")
+    return 0

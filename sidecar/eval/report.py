@@ -1,0 +1,379 @@
+"""Everything a replay leaves behind: metrics computed from its runs, TREC run files, the JSON result, the
+Markdown report, PNG plots, and the summary table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sidecar.eval import metrics as m
+from sidecar.eval.datasets import Dataset
+from sidecar.eval.replay import ReplayResult
+
+SCHEMA = "rerank-sidecar/replay/v1"
+RUN_FIRST_STAGE = "run.first_stage.trec"
+RUN_RERANKED = "run.reranked.trec"
+RESULT_JSON = "result.json"
+REPORT_MD = "report.md"
+LATENCY_PNG = "latency.png"
+DELTA_PNG = "ndcg_delta.png"
+HEADLINE = "ndcg@10"
+
+
+def metric_names(hits: int) -> list[str]:
+    names = list(m.DEFAULT_METRICS)
+    if hits >= 1000:
+        names.append("recall@1000")  # pyserini's BEIR tables report it; only meaningful with 1000 hits
+    return names
+
+
+def write_trec_run(path: Path, run: m.Run, tag: str) -> None:
+    """TREC run format (`qid Q0 docid rank score tag`); scores are written exactly (shortest round-trip repr),
+    so trec_eval on the file reproduces the evaluator's figures to the last digit."""
+    with path.open("w") as f:
+        for qid, ranking in run.items():
+            for rank, (doc_id, score) in enumerate(ranking, 1):
+                f.write(f"{qid} Q0 {doc_id} {rank} {score!r} {tag}\n")
+
+
+def read_trec_run(path: Path) -> m.Run:
+    run: m.Run = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            qid, _, doc_id, _, score, *_ = line.split()
+            run.setdefault(qid, []).append((doc_id, float(score)))
+    return run
+
+
+def _round(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, digits)
+
+
+def build_result(
+    dataset: Dataset,
+    result: ReplayResult,
+    *,
+    first_stage: Mapping[str, Any],
+    rerank: Mapping[str, Any] | None,
+    command: Sequence[str] = (),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compute every figure of the replay into one JSON-ready dict (the report and table read only this)."""
+    qids = result.qids
+    qrels = dataset.qrels_for(qids)
+    names = metric_names(result.config.hits)
+    fs_run = result.first_stage_run()
+    fs_pq = m.evaluate(qrels, fs_run, qids, names)
+    out: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": list(command),
+        "dataset": {
+            "name": dataset.name,
+            "path": str(dataset.path),
+            "split": dataset.split,
+            "queries": len(qids),
+            "documents": len(dataset.corpus),
+            "warnings": dataset.warnings,
+        },
+        "first_stage": dict(first_stage),
+        "rerank": dict(rerank) if rerank is not None else None,
+        "config": {
+            "hits": result.config.hits,
+            "depth": result.config.depth if result.reranked else 0,
+            "concurrency": result.config.concurrency,
+            "qps": result.config.qps,
+            "warmup": result.config.warmup,
+        },
+        "metrics": {"first_stage": {k: _round(v) for k, v in m.aggregate(fs_pq).items()}},
+        "per_query": {q: {"first_stage": {k: fs_pq[k][q] for k in names}} for q in qids},
+    }
+    records = list(result.records.values())
+    latency: dict[str, Any] = {
+        "first_stage": m.latency_summary([r.first_stage_seconds for r in records]),
+        "end_to_end": m.latency_summary([r.e2e_seconds for r in records]),
+    }
+    if result.config.qps:
+        latency["start_lag"] = m.latency_summary([r.start_lag_seconds for r in records])
+    if result.reranked:
+        rr_run, nudged = result.reranked_run()
+        rr_pq = m.evaluate(qrels, rr_run, qids, names)
+        out["metrics"]["reranked"] = {k: _round(v) for k, v in m.aggregate(rr_pq).items()}
+        for q in qids:
+            out["per_query"][q]["reranked"] = {k: rr_pq[k][q] for k in names}
+        comparisons = {}
+        for k in names:
+            c = m.compare(fs_pq[k], rr_pq[k], k, seed=seed)
+            comparisons[k] = {
+                "first_stage": _round(c.mean_a),
+                "reranked": _round(c.mean_b),
+                "delta": _round(c.delta),
+                "wins": c.wins,
+                "losses": c.losses,
+                "ties": c.ties,
+                "t_statistic": _round(c.t_statistic),
+                "t_test_p": _round(c.t_p_value),
+                "randomization_p": _round(c.randomization_p_value),
+            }
+        out["comparison"] = comparisons
+        ok = [r for r in records if r.rerank is not None]
+        latency["rerank"] = m.latency_summary([r.rerank_seconds for r in ok if r.rerank_seconds is not None])
+        for key, attr in (("server_queue", "server_queue_seconds"), ("server_inference", "server_inference_seconds"),
+                          ("server_total", "server_total_seconds")):
+            values = [getattr(r.rerank, attr) for r in ok if getattr(r.rerank, attr) is not None]
+            if values:
+                latency[key] = m.latency_summary(values)
+        errors = result.rerank_errors
+        out["errors"] = {
+            "rerank_errors": len(errors),
+            "examples": dict(list(errors.items())[:5]),
+            "fallback_hits": sum(r.rerank.fallback_hits for r in ok if r.rerank),
+            "fallback_reasons": sorted({x for r in ok if r.rerank for x in r.rerank.fallback_reasons}),
+            "truncated_hits": sum(r.rerank.truncated_hits for r in ok if r.rerank),
+            "scores_nudged_for_strict_order": nudged,
+        }
+    out["latency"] = latency
+    wall = result.wall_seconds
+    out["throughput"] = {
+        "wall_seconds": _round(wall, 3),
+        "queries": len(qids),
+        "pairs": result.pairs,
+        "queries_per_s": _round(len(qids) / wall if wall > 0 else 0.0, 3),
+        "pairs_per_s": _round(result.pairs / wall if wall > 0 else 0.0, 3),
+    }
+    return out
+
+
+def write_outputs(out_dir: Path, dataset: Dataset, result: ReplayResult, summary: dict[str, Any], *,
+                  plots: bool = True) -> dict[str, str]:
+    """Write run files, JSON, Markdown and plots into `out_dir`; returns {kind: path} (also stored in the JSON)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    fs_tag = f"{summary['first_stage'].get('kind', 'first_stage')}"
+    write_trec_run(out_dir / RUN_FIRST_STAGE, result.first_stage_run(), fs_tag)
+    files["run_first_stage"] = RUN_FIRST_STAGE
+    if result.reranked:
+        rr_run, _ = result.reranked_run()
+        write_trec_run(out_dir / RUN_RERANKED, rr_run, f"{fs_tag}+rerank")
+        files["run_reranked"] = RUN_RERANKED
+    if plots:
+        plot_latency(out_dir / LATENCY_PNG, result)
+        files["latency_plot"] = LATENCY_PNG
+        if result.reranked:
+            plot_delta(out_dir / DELTA_PNG, summary)
+            files["ndcg_delta_plot"] = DELTA_PNG
+    files["report"] = REPORT_MD
+    files["result"] = RESULT_JSON
+    summary["files"] = files
+    (out_dir / REPORT_MD).write_text(markdown(summary))
+    (out_dir / RESULT_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    return files
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Any:
+    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_latency(path: Path, result: ReplayResult) -> None:
+    """Empirical CDF of each stage's latency on a log axis, with p50 / p95 / p99 in the legend."""
+    import numpy as np
+
+    records = list(result.records.values())
+    stages = [("first stage", [r.first_stage_seconds for r in records])]
+    if result.reranked:
+        stages.append(("rerank call", [r.rerank_seconds for r in records if r.rerank is not None and r.rerank_seconds]))
+        server = [r.rerank.server_total_seconds for r in records if r.rerank and r.rerank.server_total_seconds]
+        if server:
+            stages.append(("sidecar (server-side)", server))
+    stages.append(("end to end", [r.e2e_seconds for r in records]))
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    for label, values in stages:
+        x = np.sort(np.asarray([v for v in values if v and v > 0], dtype=float) * 1000.0)
+        if len(x) == 0:
+            continue
+        y = np.arange(1, len(x) + 1) / len(x)
+        p50, p95, p99 = np.percentile(x, [50, 95, 99])
+        ax.step(x, y, where="post", label=f"{label}: p50 {p50:.1f} / p95 {p95:.1f} / p99 {p99:.1f} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("fraction of queries")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    cfg = result.config
+    load = f"{cfg.qps:g} qps offered" if cfg.qps else f"concurrency {cfg.concurrency}"
+    ax.set_title(f"Latency per stage ({len(records)} queries, {load})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_delta(path: Path, summary: Mapping[str, Any], metric: str = HEADLINE) -> None:
+    """Per-query change of `metric` (reranked minus first stage), sorted, wins green and losses red."""
+    per_query = summary["per_query"]
+    deltas = sorted(
+        (v["reranked"][metric] - v["first_stage"][metric] for v in per_query.values() if "reranked" in v),
+        reverse=True,
+    )
+    c = summary["comparison"][metric]
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    colors = ["#2a9d4b" if d > 1e-9 else "#c0392b" if d < -1e-9 else "#999999" for d in deltas]
+    ax.bar(range(len(deltas)), deltas, width=1.0, color=colors)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("queries, sorted by change")
+    ax.set_ylabel(f"Δ {metric} (reranked − first stage)")
+    ax.set_title(
+        f"Per-query {metric}: {c['wins']} better, {c['losses']} worse, {c['ties']} unchanged; "
+        f"mean Δ {c['delta']:+.4f}",
+        fontsize=10,
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---- text ----------------------------------------------------------------------------------------
+def _fmt(x: Any, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _describe(d: Mapping[str, Any] | None, keys: Sequence[str]) -> str:
+    if not d:
+        return "none"
+    return ", ".join(f"{k} {d[k]}" for k in keys if d.get(k) not in (None, ""))
+
+
+def _p(x: float | None) -> str:
+    return "—" if x is None else ("< 0.0001" if x < 1e-4 else f"{x:.4f}")
+
+
+def latency_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    labels = {
+        "first_stage": "first stage",
+        "rerank": "rerank call (client)",
+        "server_queue": "  sidecar queue",
+        "server_inference": "  sidecar inference",
+        "server_total": "  sidecar total",
+        "end_to_end": "end to end",
+        "start_lag": "start lag (open loop)",
+    }
+    lat = summary["latency"]
+    return [(labels[k], lat[k]) for k in labels if k in lat and lat[k].get("count")]
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    ds, cfg = summary["dataset"], summary["config"]
+    reranked = "reranked" in summary["metrics"]
+    fs, rr = summary["first_stage"], summary.get("rerank")
+    lines = [
+        f"# Replay: {ds['name']} ({ds['split']}, {ds['queries']} queries, {ds['documents']} documents)",
+        "",
+        f"- first stage: {_describe(fs, ['kind', 'engine', 'k1', 'b', 'contents', 'model', 'search', 'url', 'index', 'query'])}",
+        f"- rerank: {_describe(rr, ['api', 'model_id', 'backend', 'device', 'dtype', 'target', 'url', 'pipeline'])}",
+        f"- depth {cfg['depth']} (hits reranked per query), first-stage hits {cfg['hits']}, "
+        + (f"offered load {cfg['qps']} queries/s" if cfg.get("qps") else f"concurrency {cfg['concurrency']}")
+        + f", warm-up {cfg['warmup']} queries",
+        f"- command: `{' '.join(summary.get('command') or [])}`",
+        "",
+        "## Quality",
+        "",
+    ]
+    names = list(summary["metrics"]["first_stage"])
+    if reranked:
+        lines += ["| metric | first stage | reranked | Δ | wins / losses / ties | paired t p | randomization p |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k in names:
+            c = summary["comparison"][k]
+            lines.append(
+                f"| {k} | {_fmt(c['first_stage'])} | {_fmt(c['reranked'])} | {c['delta']:+.4f} | "
+                f"{c['wins']} / {c['losses']} / {c['ties']} | {_p(c['t_test_p'])} | {_p(c['randomization_p'])} |"
+            )
+        lines += ["", "Significance: two-sided paired tests over queries (Student t, and a sign-flip randomization "
+                      "test with a fixed seed); a small p-value means the difference is unlikely to be chance."]
+    else:
+        lines += ["| metric | first stage |", "| --- | ---: |"]
+        lines += [f"| {k} | {_fmt(summary['metrics']['first_stage'][k])} |" for k in names]
+    lines += ["", "## Latency", "", "| stage | p50 ms | p95 ms | p99 ms | mean ms | max ms | n |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, s in latency_rows(summary):
+        lines.append(
+            f"| {label.strip()} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | {s['mean_ms']:.1f} | "
+            f"{s['max_ms']:.1f} | {s['count']} |"
+        )
+    t = summary["throughput"]
+    lines += ["", f"Throughput: {t['queries_per_s']:.2f} queries/s, {t['pairs_per_s']:.1f} pairs/s "
+                  f"({t['queries']} queries, {t['pairs']} pairs in {t['wall_seconds']:.1f} s).", ""]
+    errors = summary.get("errors")
+    if errors:
+        lines += ["## Errors and fallbacks", "",
+                  f"- rerank calls that failed (query kept its first-stage order): {errors['rerank_errors']}",
+                  f"- hits the sidecar returned in fallback order: {errors['fallback_hits']}"
+                  + (f" ({', '.join(errors['fallback_reasons'])})" if errors["fallback_reasons"] else ""),
+                  f"- hits truncated to the model's length: {errors['truncated_hits']}", ""]
+        for q, e in errors["examples"].items():
+            lines.append(f"  - query {q}: {e}")
+    files = summary.get("files", {})
+    if files.get("latency_plot") or files.get("ndcg_delta_plot"):
+        lines += ["## Plots", ""]
+        if files.get("latency_plot"):
+            lines += [f"![latency per stage]({files['latency_plot']})", ""]
+        if files.get("ndcg_delta_plot"):
+            lines += [f"![per-query nDCG@10 change]({files['ndcg_delta_plot']})", ""]
+    lines += ["## Files", ""] + [f"- {k}: `{v}`" for k, v in files.items()] + [""]
+    return "\n".join(lines)
+
+
+def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    ds = summary["dataset"]
+    reranked = "reranked" in summary["metrics"]
+    title = f"{ds['name']} {ds['split']}: {ds['queries']} queries"
+    rr = summary.get("rerank") or {}
+    fs_label = summary["first_stage"].get("kind", "first stage")
+    rr_label = f"+ {rr.get('model_id') or rr.get('api', 'rerank')}" if reranked else ""
+    console.print(f"[bold]{title}[/]")
+    table = Table()
+    table.add_column("metric")
+    table.add_column(fs_label, justify="right")
+    if reranked:
+        table.add_column(f"{rr_label} (depth {summary['config']['depth']})", justify="right")
+        table.add_column("Δ", justify="right")
+        table.add_column("W/L/T", justify="right")
+        table.add_column("p (t / rand.)", justify="right")
+    for k, v in summary["metrics"]["first_stage"].items():
+        if reranked:
+            c = summary["comparison"][k]
+            table.add_row(k, _fmt(v), _fmt(c["reranked"]), f"{c['delta']:+.4f}", f"{c['wins']}/{c['losses']}/{c['ties']}",
+                          f"{_p(c['t_test_p'])} / {_p(c['randomization_p'])}")
+        else:
+            table.add_row(k, _fmt(v))
+    console.print(table)
+    lat = Table()
+    for col in ("latency (ms)", "p50", "p95", "p99", "mean"):
+        lat.add_column(col, justify="left" if col.startswith("latency") else "right")
+    for label, s in latency_rows(summary):
+        lat.add_row(label, f"{s['p50_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['mean_ms']:.1f}")
+    console.print(lat)
+    t = summary["throughput"]
+    console.print(f"throughput: {t['queries_per_s']:.2f} queries/s, {t['pairs_per_s']:.1f} pairs/s "
+                  f"({t['pairs']} pairs in {t['wall_seconds']:.1f} s)")
+    errors = summary.get("errors") or {}
+    if errors.get("rerank_errors"):
+        console.print(f"[bold red]{errors['rerank_errors']} rerank calls failed[/]; those queries kept first-stage order")
+    if errors.get("fallback_hits"):
+        console.print(f"[yellow]{errors['fallback_hits']} hits came back in fallback order[/]")
