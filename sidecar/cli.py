@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(p)
     p.set_defaults(func=_serve)
 
-    target: dict[str, typing.Any] = {"default": "127.0.0.1:50051", "help": "gRPC address of the sidecar"}
+    import os
+
+    target: dict[str, typing.Any] = {
+        "default": f"127.0.0.1:{os.environ.get('RERANK_GRPC_PORT', '50051')}",
+        "help": "gRPC address of the sidecar (default 127.0.0.1:$RERANK_GRPC_PORT or :50051)",
+    }
     p = sub.add_parser("health", help="exit 0 if the sidecar reports SERVING (for probes and scripts)")
     p.add_argument("--target", **target)
     p.add_argument("--service", default="", help="health service name ('' = whole server)")
