@@ -196,7 +196,7 @@ def scores_body(result: RerankResult, n: int) -> dict[str, Any]:
 
 
 def _headers(result: RerankResult) -> dict[str, str]:
-    headers = {"x-rerank-model": result.model_id}
+    headers = {"x-rerank-model": result.model_id.encode("ascii", "replace").decode("ascii")}
     fallback = sum(h.status is not HitStatus.RERANKED for h in result.hits)
     if fallback:
         headers["x-rerank-fallback"] = str(fallback)
@@ -223,7 +223,7 @@ class HttpApi:
     def __init__(self, service: RerankService, metrics: Metrics, settings: Settings) -> None:
         self.service = service
         self.metrics = metrics
-        self.max_body_bytes = int(getattr(settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+        self.max_body_bytes = settings.max_body_bytes
 
     def _rejected(self, err: RerankError) -> web.Response:
         # Refused before the service saw it, so the service's request counter did not count it.

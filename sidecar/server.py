@@ -88,12 +88,8 @@ class SidecarServer:
         await self.health.set_serving(True)
 
     async def _start_http(self) -> None:
-        import importlib.util
-
         from aiohttp import web
 
-        if importlib.util.find_spec("sidecar.http_api") is None:  # TEMPORARY until the HTTP front end lands
-            return
         from sidecar.http_api import create_app
 
         app = create_app(self.service, self.metrics, self.settings)
@@ -116,14 +112,20 @@ class SidecarServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, let in-flight requests finish within the grace period."""
         grace = self.settings.drain_seconds if grace is None else grace
-        log.info("draining (up to %.1fs)", grace)
+        log.info("draining (up to %.1fs, %d requests in flight)", grace, self.service.in_flight)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        # Health answers NOT_SERVING (probes can see it) while new Rerank calls get UNAVAILABLE and
+        # in-flight ones finish; only then do the listeners close.
         await self.health.shutdown()
         self.service.begin_drain()
         if self.loaded and not self.loaded.done():
             self.loaded.cancel()
+        if not await self.service.wait_idle(grace):
+            log.warning("drain period over with %d requests still in flight", self.service.in_flight)
         stops = []
         if self._grpc:
-            stops.append(self._grpc.stop(grace))
+            stops.append(self._grpc.stop(max(0.0, until - loop.time())))
         if self._http_runner:
             stops.append(self._http_runner.cleanup())
         await asyncio.gather(*stops, return_exceptions=True)

@@ -45,6 +45,9 @@ class RerankService:
         self._draining = False
         # Tokenising (measuring) runs beside inference so a big request never blocks the event loop.
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @property
@@ -86,6 +89,14 @@ class RerankService:
         self._draining = True
         self.metrics.ready.set(0)
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or `timeout` passes (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def close(self) -> None:
         if self.batcher:
             await self.batcher.close()
@@ -100,6 +111,8 @@ class RerankService:
     async def rerank(self, query: RerankQuery, api: str) -> RerankResult:
         started = time.perf_counter()
         error: BaseException | None = None
+        self.in_flight += 1
+        self._idle.clear()
         try:
             return await self._rerank(query, started)
         except RerankError as exc:
@@ -113,6 +126,9 @@ class RerankService:
             error = exc
             raise InternalError("unexpected error") from exc
         finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
             outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome_label(error)
             self.metrics.requests.labels(api, outcome).inc()
             self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(
         10000, ge=1, description="Longest accepted query, in characters (guards tokenizer time)."
     )
+    max_body_bytes: int = Field(
+        8 << 20,
+        ge=1024,
+        description="Largest accepted HTTP request body, in bytes; larger bodies get 413. Bounds memory "
+        "per request; 8 MiB holds 1,000 long documents.",
+    )
     default_timeout_s: float = Field(
         30.0,
         gt=0,

@@ -137,7 +137,7 @@ def _kinds(args: argparse.Namespace) -> tuple[Any, ...]:
     kinds = tuple(k.strip().replace("-", "_") for k in args.paths.split(",") if k.strip())
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise SystemExit(f"--paths takes rerank and/or by_field, got {args.paths!r}")
+        raise ValueError(f"--paths takes rerank and/or by_field, got {args.paths!r}")
     return kinds
 
 

@@ -71,8 +71,7 @@ def corpus_mapping(
         "text": {"type": "text", "analyzer": "english"},
     }
     if passage_field:
-        # Stored in _source for rerankers, never searched: no index structures needed.
-        props[passage_field] = {"type": "text", "index": False}
+        props[passage_field] = {"type": "text", "analyzer": "english"}
     settings: dict[str, Any] = {"number_of_shards": shards, "number_of_replicas": replicas}
     if knn_dim:
         settings["knn"] = True

@@ -278,14 +278,15 @@ class Installer:
                 )
             time.sleep(self.poll_s)
 
-    def _deploy(self, model_id: str) -> bool:
-        """Deploy unless deployed; True when it had to deploy."""
-        if self._model_state(model_id) in DEPLOYED_STATES:
+    def _deploy(self, model_id: str, requested: bool = False) -> bool:
+        """Deploy unless deployed, and wait; True when it had to. `requested`: a deploy is already under
+        way (register?deploy=true), so only poll, and ask again once only if it never starts."""
+        state = self._model_state(model_id)
+        if state in DEPLOYED_STATES:
             return False
-        self._try("POST", f"{ML}/models/{model_id}/_deploy", doing=f"deploying model {model_id}")
         deadline = time.monotonic() + self.deploy_timeout_s
+        nudge_at = time.monotonic() + (10.0 if requested else 0.0)
         while True:
-            state = self._model_state(model_id)
             if state in DEPLOYED_STATES:
                 return True
             if state in FAILED_STATES or time.monotonic() > deadline:
@@ -293,7 +294,11 @@ class Installer:
                     f"model {model_id} did not deploy (state {state or 'unknown'}); see "
                     f"GET {ML}/profile/models/{model_id} and the OpenSearch log"
                 )
+            if state != "DEPLOYING" and time.monotonic() >= nudge_at:
+                self._try("POST", f"{ML}/models/{model_id}/_deploy", doing=f"deploying model {model_id}")
+                nudge_at = float("inf")
             time.sleep(self.poll_s)
+            state = self._model_state(model_id)
 
     def _undeploy(self, model_id: str) -> None:
         self._try(
@@ -369,7 +374,7 @@ class Installer:
         mid = str(got.get("model_id") or self._wait_task(str(got["task_id"])).get("model_id") or "")
         if not mid:
             raise InstallError(f"registering {name} returned no model id: {got}")
-        self._deploy(mid)
+        self._deploy(mid, requested=True)
         report.add(Step("model", name, "created", mid))
         return mid
 
@@ -466,6 +471,12 @@ class Installer:
             if smoke:
                 self.smoke_test(kind, mid, report)
             report.pipelines[kind] = self.put_pipeline(kind, mid, report)
+        if "rerank" in kinds and len(self.cfg.fields) > 1:
+            report.notes.append(
+                f"the rerank processor concatenates {', '.join(self.cfg.fields)} with no separator "
+                "(DocumentContextSourceFetcher), gluing the last word of one to the first of the next; "
+                "a single field holding them joined by a space (the indexer's `passage`) reads better"
+            )
         if index:
             self.check_index(index, report)
         if index and default_pipeline:
@@ -555,7 +566,10 @@ class Installer:
 def _contains(have: Any, want: Any) -> bool:
     """True when every key/value of `want` is present and equal in `have` (extra keys in `have` are fine)."""
     if isinstance(want, dict):
-        return isinstance(have, dict) and all(k in have and _contains(have[k], v) for k, v in want.items())
+        # An empty value may be stored as an absent key.
+        return isinstance(have, dict) and all(
+            _contains(have[k], v) if k in have else v in ({}, [], None) for k, v in want.items()
+        )
     if isinstance(want, list):
         return isinstance(have, list) and len(have) == len(want) and all(map(_contains, have, want))
     if isinstance(want, float) and isinstance(have, int | float):
