@@ -46,7 +46,6 @@ from sidecar.types import Document, HitStatus, RankedHit, RerankQuery, RerankRes
 log = logging.getLogger(__name__)
 
 API = "http"
-DEFAULT_MAX_BODY_BYTES = 8 << 20
 JSON_TYPE = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -1,4 +1,4 @@
-"""`python -m sidecar.eval ...`: the evaluator's subcommands on their own (the same parser `rerank-sidecar` uses)."""
+"""`python -m sidecar.eval ...`: the evaluator's subcommands alone (the parser `rerank-sidecar` uses too)."""
 
 from __future__ import annotations
 

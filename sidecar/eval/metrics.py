@@ -1,8 +1,8 @@
 """Quality and latency statistics: trec_eval measures via pytrec_eval, per-query comparison, paired tests.
 
-A run is `{qid: [(doc_id, score), ...]}`. Like trec_eval, the evaluation orders each query's documents by score
-(descending, ties broken by document id, descending) rather than by list position; callers that need a given
-order to be evaluated as such must hand over scores that decrease strictly along it (see `order_scores`).
+A run is `{qid: [(doc_id, score), ...]}`. Like trec_eval, the evaluation orders each query's documents by
+score (descending, ties broken by document id, descending) rather than by list position; callers that need a
+given order evaluated as such must hand over scores that decrease strictly along it (see `order_scores`).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def trec_order(ranking: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
 
 
 def order_scores(ranking: Sequence[tuple[str, float]]) -> tuple[list[tuple[str, float]], int]:
-    """Make scores decrease strictly along `ranking`, changing only those that do not; returns (ranking, changed).
+    """Make scores decrease strictly along `ranking`, changing only those that do not; (ranking, changed).
 
     A reranked list is authoritative as an *order*; when two hits tie (or a fallback hit carries a score from
-    another scale), the later one is nudged just below its predecessor, so every other score stays as the model
-    produced it while trec_eval, reading the scores, sees exactly this order. trec_eval holds scores in single
-    precision, so "strictly" is judged in float32: doubles that differ only beyond it would tie again there.
+    another scale), the later one is nudged just below its predecessor, so every other score stays as the
+    model produced it while trec_eval, reading the scores, sees exactly this order. trec_eval holds scores in
+    single precision, so "strictly" is judged in float32: doubles that differ only beyond it would tie there.
     """
     out: list[tuple[str, float]] = []
     changed = 0
@@ -58,9 +58,9 @@ def order_scores(ranking: Sequence[tuple[str, float]]) -> tuple[list[tuple[str, 
     return out, changed
 
 
-def evaluate(qrels: Qrels, run: Run, qids: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS) -> dict[
-    str, dict[str, float]
-]:
+def evaluate(
+    qrels: Qrels, run: Run, qids: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS
+) -> dict[str, dict[str, float]]:
     """Per-query values `{metric: {qid: value}}` over exactly `qids`.
 
     A query with no retrieved documents scores 0 (trec_eval's `-c`), so a system cannot gain by returning
@@ -124,7 +124,12 @@ class Comparison:
 
 
 def compare(
-    a: Mapping[str, float], b: Mapping[str, float], metric: str, *, trials: int = 10_000, seed: int = 0,
+    a: Mapping[str, float],
+    b: Mapping[str, float],
+    metric: str,
+    *,
+    trials: int = 10_000,
+    seed: int = 0,
     tie_epsilon: float = 1e-9,
 ) -> Comparison:
     qids = sorted(set(a) & set(b))
@@ -145,8 +150,10 @@ def compare(
     )
 
 
-def paired_t_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float | None, float | None]:
-    """Two-sided paired Student t-test (scipy); (None, None) when undefined (n < 2, zero variance) or no scipy."""
+def paired_t_test(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
+) -> tuple[float | None, float | None]:
+    """Two-sided paired Student t-test (scipy); (None, None) if undefined (n < 2, no variance) or no scipy."""
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if len(d) < 2 or float(np.std(d)) == 0.0:
         return None, None

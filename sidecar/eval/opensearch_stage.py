@@ -60,7 +60,11 @@ class OpenSearchFirstStage:
     def body(self, query: str, k: int) -> dict[str, Any]:
         if self.mode == "knn":
             vector = [float(x) for x in self.query_encoder(query)]
-            return {"size": k, "_source": False, "query": {"knn": {self.knn_field: {"vector": vector, "k": k}}}}
+            return {
+                "size": k,
+                "_source": False,
+                "query": {"knn": {self.knn_field: {"vector": vector, "k": k}}},
+            }
         return {"size": k, "_source": False, "query": lexical_query(query, self.fields)}
 
     def search(self, query: str, k: int) -> list[Hit]:

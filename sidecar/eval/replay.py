@@ -1,9 +1,9 @@
 """The replay: every query through first stage then rerank stage, closed-loop or at a fixed arrival rate.
 
 Closed loop (`concurrency` workers, no `qps`): each worker sends its next query as soon as the previous one is
-answered, which measures capacity. Open loop (`qps`): query i is due at start + i/qps whatever happened before,
-and its end-to-end latency is counted from that due time, so a backlog shows up as latency instead of silently
-lowering the offered load (the "coordinated omission" trap).
+answered, which measures capacity. Open loop (`qps`): query i is due at start + i/qps whatever happened
+before, and its end-to-end latency is counted from that due time, so a backlog shows up as latency instead
+of silently lowering the offered load (the "coordinated omission" trap).
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ class ReplayResult:
             seen = {d for d, _ in head}
             floor = min((s for _, s in head), default=0.0)
             missing = [d for d in r.candidates if d not in seen]  # candidates the sidecar did not return
-            rest = missing + [h.doc_id for h in r.first_stage if h.doc_id not in seen and h.doc_id not in missing]
+            rest = missing + [
+                h.doc_id for h in r.first_stage if h.doc_id not in seen and h.doc_id not in missing
+            ]
             tail = [(d, floor - (i + 1)) for i, d in enumerate(rest)]
             ranking, changed = order_scores(head + tail)
             run[q] = ranking
@@ -105,7 +107,11 @@ def _candidates(dataset: Dataset, hits: Sequence[Hit], depth: int) -> list[Candi
 
 
 def run_query(
-    dataset: Dataset, qid: str, first_stage: FirstStage, reranker: Reranker | None, config: ReplayConfig,
+    dataset: Dataset,
+    qid: str,
+    first_stage: FirstStage,
+    reranker: Reranker | None,
+    config: ReplayConfig,
     due: float | None = None,
 ) -> QueryRecord:
     query = dataset.queries[qid]
@@ -185,7 +191,9 @@ def _run_workers(
         finally:
             first_stage.thread_exit()
 
-    threads = [threading.Thread(target=work, name=f"replay-{n}", daemon=True) for n in range(min(workers, len(qids)))]
+    threads = [
+        threading.Thread(target=work, name=f"replay-{n}", daemon=True) for n in range(min(workers, len(qids)))
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -125,8 +125,11 @@ def build_result(
         out["comparison"] = comparisons
         ok = [r for r in records if r.rerank is not None]
         latency["rerank"] = m.latency_summary([r.rerank_seconds for r in ok if r.rerank_seconds is not None])
-        for key, attr in (("server_queue", "server_queue_seconds"), ("server_inference", "server_inference_seconds"),
-                          ("server_total", "server_total_seconds")):
+        for key, attr in (
+            ("server_queue", "server_queue_seconds"),
+            ("server_inference", "server_inference_seconds"),
+            ("server_total", "server_total_seconds"),
+        ):
             values = [getattr(r.rerank, attr) for r in ok if getattr(r.rerank, attr) is not None]
             if values:
                 latency[key] = m.latency_summary(values)
@@ -151,9 +154,10 @@ def build_result(
     return out
 
 
-def write_outputs(out_dir: Path, dataset: Dataset, result: ReplayResult, summary: dict[str, Any], *,
-                  plots: bool = True) -> dict[str, str]:
-    """Write run files, JSON, Markdown and plots into `out_dir`; returns {kind: path} (also stored in the JSON)."""
+def write_outputs(
+    out_dir: Path, dataset: Dataset, result: ReplayResult, summary: dict[str, Any], *, plots: bool = True
+) -> dict[str, str]:
+    """Write run files, JSON, Markdown and plots into `out_dir`; returns {kind: file} (also in the JSON)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     fs_tag = f"{summary['first_stage'].get('kind', 'first_stage')}"
@@ -195,8 +199,12 @@ def plot_latency(path: Path, result: ReplayResult) -> None:
     records = list(result.records.values())
     stages = [("first stage", [r.first_stage_seconds for r in records])]
     if result.reranked:
-        stages.append(("rerank call", [r.rerank_seconds for r in records if r.rerank is not None and r.rerank_seconds]))
-        server = [r.rerank.server_total_seconds for r in records if r.rerank and r.rerank.server_total_seconds]
+        stages.append(
+            ("rerank call", [r.rerank_seconds for r in records if r.rerank is not None and r.rerank_seconds])
+        )
+        server = [
+            r.rerank.server_total_seconds for r in records if r.rerank and r.rerank.server_total_seconds
+        ]
         if server:
             stages.append(("sidecar (server-side)", server))
     stages.append(("end to end", [r.e2e_seconds for r in records]))
@@ -235,6 +243,9 @@ def plot_delta(path: Path, summary: Mapping[str, Any], metric: str = HEADLINE) -
     colors = ["#2a9d4b" if d > 1e-9 else "#c0392b" if d < -1e-9 else "#999999" for d in deltas]
     ax.bar(range(len(deltas)), deltas, width=1.0, color=colors)
     ax.axhline(0, color="black", linewidth=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("queries, sorted by change")
     ax.set_ylabel(f"Δ {metric} (reranked − first stage)")
     ax.set_title(
@@ -276,6 +287,10 @@ def latency_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return [(labels[k], lat[k]) for k in labels if k in lat and lat[k].get("count")]
 
 
+_FS_KEYS = ("kind", "engine", "k1", "b", "contents", "model", "search", "url", "index", "query")
+_RR_KEYS = ("api", "model_id", "backend", "device", "dtype", "target", "url", "pipeline")
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
     ds, cfg = summary["dataset"], summary["config"]
     reranked = "reranked" in summary["metrics"]
@@ -283,8 +298,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     lines = [
         f"# Replay: {ds['name']} ({ds['split']}, {ds['queries']} queries, {ds['documents']} documents)",
         "",
-        f"- first stage: {_describe(fs, ['kind', 'engine', 'k1', 'b', 'contents', 'model', 'search', 'url', 'index', 'query'])}",
-        f"- rerank: {_describe(rr, ['api', 'model_id', 'backend', 'device', 'dtype', 'target', 'url', 'pipeline'])}",
+        f"- first stage: {_describe(fs, _FS_KEYS)}",
+        f"- rerank: {_describe(rr, _RR_KEYS)}",
         f"- depth {cfg['depth']} (hits reranked per query), first-stage hits {cfg['hits']}, "
         + (f"offered load {cfg['qps']} queries/s" if cfg.get("qps") else f"concurrency {cfg['concurrency']}")
         + f", warm-up {cfg['warmup']} queries",
@@ -295,36 +310,56 @@ def markdown(summary: Mapping[str, Any]) -> str:
     ]
     names = list(summary["metrics"]["first_stage"])
     if reranked:
-        lines += ["| metric | first stage | reranked | Δ | wins / losses / ties | paired t p | randomization p |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "| metric | first stage | reranked | Δ | wins / losses / ties | paired t p | randomization p |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for k in names:
             c = summary["comparison"][k]
             lines.append(
                 f"| {k} | {_fmt(c['first_stage'])} | {_fmt(c['reranked'])} | {c['delta']:+.4f} | "
-                f"{c['wins']} / {c['losses']} / {c['ties']} | {_p(c['t_test_p'])} | {_p(c['randomization_p'])} |"
+                f"{c['wins']} / {c['losses']} / {c['ties']} | {_p(c['t_test_p'])} | "
+                f"{_p(c['randomization_p'])} |"
             )
-        lines += ["", "Significance: two-sided paired tests over queries (Student t, and a sign-flip randomization "
-                      "test with a fixed seed); a small p-value means the difference is unlikely to be chance."]
+        lines += [
+            "",
+            "Significance: two-sided paired tests over queries (Student t, and a sign-flip randomization "
+            "test with a fixed seed); a small p-value means the difference is unlikely to be chance.",
+        ]
     else:
         lines += ["| metric | first stage |", "| --- | ---: |"]
         lines += [f"| {k} | {_fmt(summary['metrics']['first_stage'][k])} |" for k in names]
-    lines += ["", "## Latency", "", "| stage | p50 ms | p95 ms | p99 ms | mean ms | max ms | n |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "## Latency",
+        "",
+        "| stage | p50 ms | p95 ms | p99 ms | mean ms | max ms | n |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for label, s in latency_rows(summary):
         lines.append(
-            f"| {label.strip()} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | {s['mean_ms']:.1f} | "
+            f"| {label.strip()} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | "
+            f"{s['mean_ms']:.1f} | "
             f"{s['max_ms']:.1f} | {s['count']} |"
         )
     t = summary["throughput"]
-    lines += ["", f"Throughput: {t['queries_per_s']:.2f} queries/s, {t['pairs_per_s']:.1f} pairs/s "
-                  f"({t['queries']} queries, {t['pairs']} pairs in {t['wall_seconds']:.1f} s).", ""]
+    lines += [
+        "",
+        f"Throughput: {t['queries_per_s']:.2f} queries/s, {t['pairs_per_s']:.1f} pairs/s "
+        f"({t['queries']} queries, {t['pairs']} pairs in {t['wall_seconds']:.1f} s).",
+        "",
+    ]
     errors = summary.get("errors")
     if errors:
-        lines += ["## Errors and fallbacks", "",
-                  f"- rerank calls that failed (query kept its first-stage order): {errors['rerank_errors']}",
-                  f"- hits the sidecar returned in fallback order: {errors['fallback_hits']}"
-                  + (f" ({', '.join(errors['fallback_reasons'])})" if errors["fallback_reasons"] else ""),
-                  f"- hits truncated to the model's length: {errors['truncated_hits']}", ""]
+        lines += [
+            "## Errors and fallbacks",
+            "",
+            f"- rerank calls that failed (query kept its first-stage order): {errors['rerank_errors']}",
+            f"- hits the sidecar returned in fallback order: {errors['fallback_hits']}"
+            + (f" ({', '.join(errors['fallback_reasons'])})" if errors["fallback_reasons"] else ""),
+            f"- hits truncated to the model's length: {errors['truncated_hits']}",
+            "",
+        ]
         for q, e in errors["examples"].items():
             lines.append(f"  - query {q}: {e}")
     files = summary.get("files", {})
@@ -345,21 +380,32 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     title = f"{ds['name']} {ds['split']}: {ds['queries']} queries"
     rr = summary.get("rerank") or {}
     fs_label = summary["first_stage"].get("kind", "first stage")
-    rr_label = f"+ {rr.get('model_id') or rr.get('api', 'rerank')}" if reranked else ""
-    console.print(f"[bold]{title}[/]")
+    console.print(f"[bold]{title}[/]", highlight=False)
+    if reranked:
+        console.print(
+            f"reranker: {rr.get('model_id') or '?'} ({rr.get('backend') or rr.get('api', '')}) via "
+            f"{rr.get('api')}, depth {summary['config']['depth']}",
+            highlight=False,
+        )
     table = Table()
     table.add_column("metric")
     table.add_column(fs_label, justify="right")
     if reranked:
-        table.add_column(f"{rr_label} (depth {summary['config']['depth']})", justify="right")
+        table.add_column("reranked", justify="right")
         table.add_column("Δ", justify="right")
         table.add_column("W/L/T", justify="right")
         table.add_column("p (t / rand.)", justify="right")
     for k, v in summary["metrics"]["first_stage"].items():
         if reranked:
             c = summary["comparison"][k]
-            table.add_row(k, _fmt(v), _fmt(c["reranked"]), f"{c['delta']:+.4f}", f"{c['wins']}/{c['losses']}/{c['ties']}",
-                          f"{_p(c['t_test_p'])} / {_p(c['randomization_p'])}")
+            table.add_row(
+                k,
+                _fmt(v),
+                _fmt(c["reranked"]),
+                f"{c['delta']:+.4f}",
+                f"{c['wins']}/{c['losses']}/{c['ties']}",
+                f"{_p(c['t_test_p'])} / {_p(c['randomization_p'])}",
+            )
         else:
             table.add_row(k, _fmt(v))
     console.print(table)
@@ -367,13 +413,20 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     for col in ("latency (ms)", "p50", "p95", "p99", "mean"):
         lat.add_column(col, justify="left" if col.startswith("latency") else "right")
     for label, s in latency_rows(summary):
-        lat.add_row(label, f"{s['p50_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['mean_ms']:.1f}")
+        lat.add_row(
+            label, f"{s['p50_ms']:.1f}", f"{s['p95_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['mean_ms']:.1f}"
+        )
     console.print(lat)
     t = summary["throughput"]
-    console.print(f"throughput: {t['queries_per_s']:.2f} queries/s, {t['pairs_per_s']:.1f} pairs/s "
-                  f"({t['pairs']} pairs in {t['wall_seconds']:.1f} s)")
+    console.print(
+        f"throughput: {t['queries_per_s']:.2f} queries/s, {t['pairs_per_s']:.1f} pairs/s "
+        f"({t['pairs']} pairs in {t['wall_seconds']:.1f} s)"
+    )
     errors = summary.get("errors") or {}
     if errors.get("rerank_errors"):
-        console.print(f"[bold red]{errors['rerank_errors']} rerank calls failed[/]; those queries kept first-stage order")
+        console.print(
+            f"[bold red]{errors['rerank_errors']} rerank calls failed[/]; "
+            "those queries kept their first-stage order"
+        )
     if errors.get("fallback_hits"):
         console.print(f"[yellow]{errors['fallback_hits']} hits came back in fallback order[/]")

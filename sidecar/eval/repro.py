@@ -1,8 +1,8 @@
 """Reproduction files: conditions with the command that produces them and the scores they must produce.
 
 In the style of pyserini's two-click reproductions, each condition names its dataset, first stage, depth and
-model, the exact command, and expected scores with a tolerance. Running it reports, per score, OK (equal at the
-four decimals shown), within tolerance, or FAIL.
+model, the exact command, and expected scores with a tolerance. Running it reports, per score, OK (equal at
+the four decimals shown), within tolerance, or FAIL.
 """
 
 from __future__ import annotations
@@ -95,12 +95,20 @@ def load(path: Path) -> list[Condition]:
     for i, raw in enumerate(data.get("condition", [])):
         try:
             expected = {str(k): float(v) for k, v in raw["expected"].items()}
-            out.append(Condition(
-                name=str(raw["name"]), command=str(raw["command"]), expected=expected,
-                tolerance=float(raw.get("tolerance", 0.0)), fast=bool(raw.get("fast", False)),
-                dataset=str(raw.get("dataset", "")), first_stage=str(raw.get("first_stage", "")),
-                depth=int(raw.get("depth", 0)), model=str(raw.get("model", "")), notes=str(raw.get("notes", "")),
-            ))
+            out.append(
+                Condition(
+                    name=str(raw["name"]),
+                    command=str(raw["command"]),
+                    expected=expected,
+                    tolerance=float(raw.get("tolerance", 0.0)),
+                    fast=bool(raw.get("fast", False)),
+                    dataset=str(raw.get("dataset", "")),
+                    first_stage=str(raw.get("first_stage", "")),
+                    depth=int(raw.get("depth", 0)),
+                    model=str(raw.get("model", "")),
+                    notes=str(raw.get("notes", "")),
+                )
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReproError(f"{path}: condition #{i + 1} is malformed ({exc!r})") from None
     if not out:
@@ -111,7 +119,9 @@ def load(path: Path) -> list[Condition]:
     return out
 
 
-def select(conditions: Sequence[Condition], *, fast: bool = False, names: Sequence[str] = ()) -> list[Condition]:
+def select(
+    conditions: Sequence[Condition], *, fast: bool = False, names: Sequence[str] = ()
+) -> list[Condition]:
     chosen = [c for c in conditions if (not fast or c.fast) and (not names or c.name in names)]
     return chosen
 
@@ -141,7 +151,9 @@ def run_condition(condition: Condition, output_root: Path) -> Outcome:
     outcome.seconds = time.perf_counter() - started
     result_path = output / RESULT_JSON
     if proc.returncode != 0 or not result_path.is_file():
-        outcome.error = f"command exited {proc.returncode}" + ("" if result_path.is_file() else ", no result.json")
+        outcome.error = f"command exited {proc.returncode}" + (
+            "" if result_path.is_file() else ", no result.json"
+        )
         if not result_path.is_file():
             return outcome
     result = json.loads(result_path.read_text())
@@ -149,11 +161,15 @@ def run_condition(condition: Condition, output_root: Path) -> Outcome:
     return outcome
 
 
-def run_all(conditions: Sequence[Condition], output_root: Path, console: Console | None = None) -> list[Outcome]:
+def run_all(
+    conditions: Sequence[Condition], output_root: Path, console: Console | None = None
+) -> list[Outcome]:
     console = console or Console()
     outcomes = []
     for c in conditions:
-        console.rule(f"{c.name}: {c.dataset}, {c.first_stage}" + (f", depth {c.depth}, {c.model}" if c.depth else ""))
+        console.rule(
+            f"{c.name}: {c.dataset}, {c.first_stage}" + (f", depth {c.depth}, {c.model}" if c.depth else "")
+        )
         console.print(f"$ {c.command.replace('{output}', str(output_root / c.name))}", highlight=False)
         outcomes.append(run_condition(c, output_root))
     print_outcomes(outcomes, console)
@@ -173,10 +189,13 @@ def print_outcomes(outcomes: Sequence[Outcome], console: Console) -> None:
             st = ch.status(o.condition.tolerance)
             actual = "—" if ch.actual is None else f"{ch.actual:.{DIGITS}f}"
             note = f" (±{o.condition.tolerance:g})" if st == "within tolerance" else ""
-            table.add_row(o.condition.name, ch.key, f"{ch.expected:.{DIGITS}f}", actual, f"[{colors[st]}]{st}[/]{note}")
+            table.add_row(
+                o.condition.name, ch.key, f"{ch.expected:.{DIGITS}f}", actual, f"[{colors[st]}]{st}[/]{note}"
+            )
         if o.error:
             table.add_row(o.condition.name, "—", "—", "—", f"[bold red]FAIL[/] ({o.error})")
     console.print(table)
     passed = sum(o.passed for o in outcomes)
-    console.print(f"{passed}/{len(outcomes)} conditions reproduced "
-                  f"({sum(o.seconds for o in outcomes):.0f} s)")
+    console.print(
+        f"{passed}/{len(outcomes)} conditions reproduced ({sum(o.seconds for o in outcomes):.0f} s)"
+    )

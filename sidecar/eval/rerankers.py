@@ -90,8 +90,18 @@ class GrpcReranker:
         except Exception as exc:  # the report still renders; the failure is recorded instead of the model
             d["info_error"] = str(exc)
             return d
-        for key in ("model_id", "model_revision", "backend", "device", "dtype", "attention", "max_length",
-                    "max_batch_tokens", "max_documents", "server_version"):
+        for key in (
+            "model_id",
+            "model_revision",
+            "backend",
+            "device",
+            "dtype",
+            "attention",
+            "max_length",
+            "max_batch_tokens",
+            "max_documents",
+            "server_version",
+        ):
             d[key] = getattr(info, key, None)
         return d
 
@@ -100,7 +110,8 @@ class GrpcReranker:
 
 
 class HttpReranker:
-    """`POST {url}/v1/rerank` with `{query, documents: [str], top_n}` -> `{results: [{index, relevance_score}]}`.
+    """`POST {url}/v1/rerank` with `{query, documents: [str], top_n}`; answer `{results: [{index,
+    relevance_score}]}` in rank order.
 
     One keep-alive connection per replay thread: a fresh TCP connection per query would add its handshake to
     every measured rerank latency.
@@ -158,7 +169,9 @@ class HttpReranker:
             results = json.loads(payload)["results"]
             ranking = [(docs[int(r["index"])][0], float(r["relevance_score"])) for r in results]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise RerankError(f"unexpected HTTP response ({exc!r}): {payload[:300].decode(errors='replace')}") from None
+            raise RerankError(
+                f"unexpected HTTP response ({exc!r}): {payload[:300].decode(errors='replace')}"
+            ) from None
         return RerankOutput(ranking=ranking)
 
     def describe(self) -> dict[str, Any]:
