@@ -83,3 +83,16 @@ def test_truncation_is_reported(bert_scorer: Scorer) -> None:
     m = bert_scorer.measure([Pair("q", "short doc"), Pair("q", long_doc)])
     assert not m[0].truncated and m[1].truncated
     assert m[1].tokens == bert_scorer.info.max_length == 64
+
+
+def test_bi_encoder_document_cache_keeps_scores_and_skips_work(packaged_model_dir: Path) -> None:
+    cached = make_scorer(None, embedding_cache_size=5)
+    uncached = make_scorer(None, embedding_cache_size=0)
+    pairs = _pairs()
+    first = cached.score(pairs)
+    assert len(cached._cache) == 5  # type: ignore[attr-defined]  # bounded: the oldest were evicted
+    again = cached.score(pairs[-5:])
+    np.testing.assert_allclose(again, first[-5:], atol=1e-6)
+    np.testing.assert_allclose(first, uncached.score(pairs), atol=TOL)
+    # Cached documents are announced to the batcher as (almost) free.
+    assert [m.tokens for m in cached.measure(pairs[-3:])] == [1, 1, 1]

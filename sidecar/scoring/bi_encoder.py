@@ -2,13 +2,17 @@
 embedding model (the packaged all-MiniLM-L6-v2 by default).
 
 Each distinct query in a batch is embedded once, so a 100-document request costs one query forward.
+Document embeddings do not depend on the query, so the most recent `embedding_cache_size` of them are
+kept (keyed by text, per loaded model): a document seen before costs no forward pass at all.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +51,9 @@ class BiEncoderScorer(Scorer):
         self._measure_lock = threading.Lock()
         self.max_length = model_max_length(self.model.max_seq_length, getattr(self.model[0], "config", None))
         self._device = torch.device(placement.device)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = settings.embedding_cache_size
+        self._cache_lock = threading.Lock()  # measure() peeks from the tokenize threads
         self.info = ModelInfo(
             model_id=source.model_id,
             revision=source.revision,
@@ -63,8 +70,12 @@ class BiEncoderScorer(Scorer):
             enc = self._measure_tokenizer(
                 [p.document for p in pairs], truncation=False, add_special_tokens=True, verbose=False
             )
+        with self._cache_lock:
+            cached = [p.document in self._cache for p in pairs]
+        # A cached document costs (almost) nothing to score, which the batcher's token budget should know.
         return [
-            Measure(min(len(ids), self.max_length), len(ids) > self.max_length) for ids in enc["input_ids"]
+            Measure(1 if hit else min(len(ids), self.max_length), len(ids) > self.max_length)
+            for ids, hit in zip(enc["input_ids"], cached, strict=True)
         ]
 
     def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
@@ -74,6 +85,26 @@ class BiEncoderScorer(Scorer):
         emb = self.model(to_device(features, self._device))["sentence_embedding"].float()
         return torch.nn.functional.normalize(emb, p=2, dim=1)
 
+    def _documents(self, texts: list[str]):  # type: ignore[no-untyped-def]
+        import torch
+
+        if self._cache_size <= 0:
+            return self._embed(texts)
+        with self._cache_lock:
+            known = {t: self._cache[t] for t in texts if t in self._cache}
+            for t in known:
+                self._cache.move_to_end(t)
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            fresh = self._embed(missing)
+            with self._cache_lock:
+                for t, e in zip(missing, fresh, strict=True):
+                    known[t] = e
+                    self._cache[t] = e
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return torch.stack([known[t] for t in texts])
+
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         import torch
 
@@ -81,7 +112,7 @@ class BiEncoderScorer(Scorer):
         q_row = {q: i for i, q in enumerate(queries)}
         with torch.inference_mode():
             q_emb = self._embed(queries)
-            d_emb = self._embed([p.document for p in pairs])
+            d_emb = self._documents([p.document for p in pairs])
             rows = torch.tensor([q_row[(p.instruction or "") + p.query] for p in pairs], device=q_emb.device)
             scores = (q_emb[rows] * d_emb).sum(dim=1)
         return scores.cpu().numpy().astype(np.float32)
