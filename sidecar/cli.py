@@ -150,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_bench)
 
-    for module in ("sidecar.eval.cli", "sidecar.opensearch.cli"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except (ImportError, AttributeError):
-            continue
-        register(sub)
+    # Their registration imports nothing heavy: torch, pyserini and opensearch-py load in the handlers.
+    from sidecar.eval.cli import register as register_eval
+    from sidecar.opensearch.cli import register as register_opensearch
+
+    register_eval(sub)
+    register_opensearch(sub)
     return parser
 
 

@@ -72,6 +72,9 @@ class SidecarProcess:
             *self.args,
         ]
         env = {**os.environ, **(self.env or {})}
+        # The child must import this same `sidecar` package, even from an uninstalled checkout.
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd,

@@ -87,7 +87,8 @@ class DenseExact:
         # Encoding in length order keeps padding (wasted compute) low across chunks, not just within one.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: np.ndarray | None = None
-        task = progress_task(progress, f"encoding {name} ({Path(self.model_path).name})", len(texts))
+        label = "/".join(Path(self.model_path).parts[-2:])
+        task = progress_task(progress, f"encoding {name} ({label})", len(texts))
         for start in range(0, len(order), _CHUNK):
             idx = order[start : start + _CHUNK]
             emb = self.model.encode(

@@ -179,7 +179,8 @@ def run_all(
 def print_outcomes(outcomes: Sequence[Outcome], console: Console) -> None:
     table = Table(title="reproduction")
     for col in ("condition", "score", "expected", "actual", "status"):
-        table.add_column(col, justify="right" if col in ("expected", "actual") else "left")
+        # Fold long names instead of eliding them: a reader must be able to tell the conditions apart.
+        table.add_column(col, justify="right" if col in ("expected", "actual") else "left", overflow="fold")
     colors = {"OK": "green", "within tolerance": "yellow", "FAIL": "bold red"}
     for o in outcomes:
         if o.error and not o.checks:

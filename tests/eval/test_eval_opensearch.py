@@ -1,0 +1,131 @@
+"""OpenSearch as the first stage: BM25 `match` through opensearch-py against a real osmem-server process, with
+the corpus loaded by the OpenSearch loader; the search-pipeline rerank runs only against a real cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.eval import report
+from sidecar.eval.__main__ import main
+from sidecar.eval.datasets import Dataset
+from sidecar.eval.opensearch_stage import (
+    OpenSearchFirstStage,
+    OpenSearchPipelineReranker,
+    connect,
+    lexical_query,
+)
+from sidecar.eval.replay import ReplayConfig, replay
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def osmem_url() -> Iterator[str]:
+    """An osmem-server subprocess listening on a free port (its default address is 127.0.0.1:0)."""
+    osmem = pytest.importorskip("osmem_server")
+    server = osmem.OsmemServer.start(japanese=False)
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def tiny_index(osmem_url: str, tiny: Dataset) -> str:
+    from sidecar.opensearch.indexer import index_beir_corpus
+
+    client = connect(osmem_url)
+    try:
+        assert index_beir_corpus(client, "tiny", tiny.path, recreate=True) == len(tiny.corpus)
+    finally:
+        client.close()
+    return "tiny"
+
+
+def test_lexical_query_shapes() -> None:
+    assert lexical_query("q", ["passage"]) == {"match": {"passage": "q"}}
+    assert lexical_query("q", ["title", "text"]) == {
+        "multi_match": {"query": "q", "fields": ["title", "text"]}
+    }
+
+
+def test_bm25_first_stage_through_opensearch(osmem_url: str, tiny_index: str, tiny: Dataset) -> None:
+    stage = OpenSearchFirstStage(osmem_url, tiny_index)
+    try:
+        assert stage.search(tiny.queries["q1"], 3)[0].doc_id == "d2"
+        assert stage.search(tiny.queries["q3"], 3)[0].doc_id == "d4"
+        single = OpenSearchFirstStage(osmem_url, tiny_index, fields=["passage"])
+        assert single.search(tiny.queries["q2"], 3)[0].doc_id == "d3"
+        single.close()
+        result = replay(tiny, tiny.query_ids(), stage, None, ReplayConfig(hits=10, depth=0, concurrency=2))
+        summary = report.build_result(tiny, result, first_stage=stage.describe(), rerank=None)
+    finally:
+        stage.close()
+    assert summary["metrics"]["first_stage"]["recall@10"] == 1.0
+    assert summary["metrics"]["first_stage"]["mrr@10"] == 1.0
+    assert summary["first_stage"]["kind"] == "opensearch"
+
+
+def test_missing_index_is_a_clear_error(osmem_url: str) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        OpenSearchFirstStage(osmem_url, "no-such-index")
+
+
+def test_cli_loads_the_corpus_and_replays(osmem_url: str, tiny: Dataset, tmp_path: Path) -> None:
+    out = tmp_path / "os-run"
+    rc = main(
+        [
+            "replay",
+            "--dataset-dir",
+            str(tiny.path),
+            "--first-stage",
+            "opensearch",
+            "--opensearch-url",
+            osmem_url,
+            "--opensearch-index",
+            "tiny-cli",
+            "--opensearch-load",
+            "--api",
+            "none",
+            "--hits",
+            "10",
+            "--warmup",
+            "0",
+            "--no-plots",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    result = json.loads((out / report.RESULT_JSON).read_text())
+    assert result["first_stage"]["index"] == "tiny-cli"
+    assert result["metrics"]["first_stage"]["recall@10"] == 1.0
+
+
+@pytest.mark.opensearch
+@pytest.mark.skipif(
+    not os.environ.get("OPENSEARCH_URL") or not os.environ.get("RERANK_PIPELINE"),
+    reason="needs a real cluster (OPENSEARCH_URL) with an installed rerank pipeline (RERANK_PIPELINE)",
+)
+def test_pipeline_rerank_on_a_real_cluster(tiny: Dataset) -> None:
+    from sidecar.opensearch.indexer import index_beir_corpus
+
+    url = os.environ["OPENSEARCH_URL"]
+    client = connect(url)
+    index_beir_corpus(client, "rerank-sidecar-eval-tiny", tiny.path, recreate=True)
+    client.close()
+    stage = OpenSearchFirstStage(url, "rerank-sidecar-eval-tiny")
+    reranker = OpenSearchPipelineReranker(stage, os.environ["RERANK_PIPELINE"])
+    try:
+        result = replay(tiny, tiny.query_ids(), stage, reranker, ReplayConfig(hits=5, depth=5))
+    finally:
+        stage.close()
+    assert not result.rerank_errors
+    for rec in result.records.values():
+        assert rec.rerank is not None
+        assert sorted(d for d, _ in rec.rerank.ranking) == sorted(h.doc_id for h in rec.first_stage[:5])
