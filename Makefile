@@ -31,6 +31,8 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	# The fast reproduction conditions (SciFact BM25 must give pyserini's published figures exactly).
+	$(BIN)/rerank-sidecar repro --fast
 
 bench: setup
 	$(BIN)/rerank-sidecar bench --out runs/bench.json $(ARGS)

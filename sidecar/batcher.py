@@ -1,8 +1,9 @@
 """The batcher: the only place where requests meet.
 
 Every (query, document) pair is queued on its own, so pairs from concurrent requests share forward
-passes. Each step takes a FIFO window of the queue, sorts it by length and runs the token-budgeted
-batch that holds the oldest pair (so the head of the queue always progresses and padding stays low).
+passes. Each step scores the oldest request's longest remaining pairs within the token budget and tops
+the batch up with other requests' pairs no longer than those (no added padding): requests finish in
+arrival order, batches are length-sorted, and small requests pack together.
 The queue is bounded in pairs and refuses at once when full. Pairs whose request expired or was
 cancelled are dropped before they reach the model. The model runs in one worker thread; the event loop
 never blocks on it.
@@ -192,10 +193,16 @@ class Batcher:
                 return
 
     def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        """The oldest request's longest pairs, topped up with other requests' pairs that add no padding.
+
+        Requests complete in arrival order (good tail latency), each is scored in length-sorted
+        batches (little padding), and a request's last partial batch is shared with the next ones.
+        """
         now = loop.time()
         window: list[_Item] = []
         budget = self.max_batch_tokens * WINDOW_BUDGETS
-        while self._queue and budget > 0:
+        head: _Job | None = None
+        while self._queue and (budget > 0 or self._queue[0].job is head):
             item = self._queue.popleft()
             job = item.job
             if job.dead:
@@ -203,32 +210,35 @@ class Batcher:
             if now > job.deadline:
                 self._expire(job)
                 continue
+            head = head or job
             window.append(item)
             budget -= item.tokens
         if not window:
             return []
-        head = window[0]
-        ordered = sorted(window, key=lambda i: -i.tokens)
+        own = sorted((i for i in window if i.job is head), key=lambda i: -i.tokens)
         batch: list[_Item] = []
-        chosen: list[_Item] | None = None
-        for item in ordered:
-            if batch and (
-                (len(batch) + 1) * batch[0].tokens > self.max_batch_tokens
-                or len(batch) >= self.max_batch_pairs
-            ):
-                if any(i is head for i in batch):
-                    chosen = batch
-                    break
-                batch = []
+        for item in own:
+            if not self._fits(batch, item):
+                break
             batch.append(item)
-        if chosen is None:
-            chosen = batch  # the head is in the last batch
-        taken = {id(i) for i in chosen}
+        if len(batch) == len(own):
+            longest = batch[0].tokens
+            others = sorted((i for i in window if i.job is not head), key=lambda i: -i.tokens)
+            for item in others:
+                if item.tokens <= longest and self._fits(batch, item):
+                    batch.append(item)
+        taken = {id(i) for i in batch}
         # Put back what was not taken, in its original (FIFO) order.
         self._queue.extendleft(reversed([i for i in window if id(i) not in taken]))
-        for item in chosen:
+        for item in batch:
             self._take(item)
-        return chosen
+        return batch
+
+    def _fits(self, batch: list[_Item], item: _Item) -> bool:
+        if not batch:
+            return True
+        longest = max(batch[0].tokens, item.tokens)
+        return len(batch) < self.max_batch_pairs and (len(batch) + 1) * longest <= self.max_batch_tokens
 
     def _expire(self, job: _Job) -> None:
         waited = asyncio.get_running_loop().time() - job.enqueued_at

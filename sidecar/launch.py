@@ -80,7 +80,7 @@ class SidecarProcess:
             cmd,
             env=env,
             stdout=self._log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if self._log else None,
+            stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,
         )
         until = time.monotonic() + self.ready_timeout
         with grpc.insecure_channel(self.grpc_target) as channel:
