@@ -1,4 +1,4 @@
-"""Shared plumbing for the sentence-transformers-backed scorers: quiet loading and moving features."""
+"""Shared plumbing for the sentence-transformers-backed scorers: loading, precision, measuring."""
 
 from __future__ import annotations
 
@@ -39,3 +39,61 @@ def quantize_int8(model: Any, placement: Any) -> None:
             "ignore"
         )  # torch.ao's deprecation notice points at torchao; the API still works
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+class SentenceTransformersScorer:
+    """Loads a sentence-transformers model class with our device, dtype, attention and quantisation,
+    and measures token lengths on a private tokenizer copy. Subclasses add `score`."""
+
+    backend = ""
+
+    def __init__(self, model_cls: Any, source: Any, placement: Any, settings: Any, **kwargs: Any) -> None:
+        import copy
+        import threading
+
+        import torch
+
+        quiet_transformers()
+        self.placement = placement
+        self.model = model_cls(
+            source.path_or_id,
+            device=placement.device,
+            revision=None if source.local else source.revision,
+            local_files_only=source.local,
+            trust_remote_code=settings.trust_remote_code,
+            model_kwargs={"dtype": placement.torch_dtype(), "attn_implementation": placement.attention},
+            **kwargs,
+        )
+        self.model.eval()
+        self.dtype_name = placement.dtype
+        if settings.quantize == "int8":
+            quantize_int8(self.model, placement)
+            self.dtype_name = "int8-dynamic"
+        # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
+        # and scoring (the model thread) must never share one, and measuring is serialised.
+        self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)
+        self._measure_lock = threading.Lock()
+        self._device = torch.device(placement.device)
+        self.source = source
+
+    def _model_info(self, max_length: int) -> Any:
+        from sidecar.types import ModelInfo
+
+        return ModelInfo(
+            model_id=self.source.model_id,
+            revision=self.source.revision,
+            backend=self.backend,
+            device=str(self._device),
+            dtype=self.dtype_name,
+            attention=self.placement.attention,
+            max_length=max_length,
+            accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),
+        )
+
+    def _token_lengths(self, first: list[str], second: list[str] | None = None) -> list[int]:
+        """Untruncated token counts (special tokens included) of texts or text pairs."""
+        with self._measure_lock:
+            enc = self._measure_tokenizer(
+                first, second, truncation=False, add_special_tokens=True, verbose=False
+            )
+        return [len(ids) for ids in enc["input_ids"]]

@@ -8,7 +8,6 @@ kept (keyed by text, per loaded model): a document seen before costs no forward 
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -16,66 +15,35 @@ from typing import Any
 
 import numpy as np
 
-from sidecar.scoring._st import model_max_length, quantize_int8, quiet_transformers, to_device
+from sidecar.scoring._st import SentenceTransformersScorer, model_max_length, to_device
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
 from sidecar.settings import Settings
-from sidecar.types import ModelInfo
 
 
-class BiEncoderScorer(Scorer):
+class BiEncoderScorer(SentenceTransformersScorer, Scorer):
+    backend = "bi-encoder"
+
     def __init__(self, source, placement: Placement, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-        import torch
         from sentence_transformers import SentenceTransformer
 
-        quiet_transformers()
-        self.placement = placement
-        self.model = SentenceTransformer(
-            source.path_or_id,
-            device=placement.device,
-            revision=None if source.local else source.revision,
-            local_files_only=source.local,
-            trust_remote_code=settings.trust_remote_code,
-            model_kwargs={"dtype": placement.torch_dtype(), "attn_implementation": placement.attention},
-        )
-        self.model.eval()
-        dtype_name = placement.dtype
-        if settings.quantize == "int8":
-            quantize_int8(self.model, placement)
-            dtype_name = "int8-dynamic"
+        super().__init__(SentenceTransformer, source, placement, settings)
         if settings.max_length:
             self.model.max_seq_length = settings.max_length
-        # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
-        # and scoring (the model thread) must never share one, and measuring is serialised.
-        self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)
-        self._measure_lock = threading.Lock()
         self.max_length = model_max_length(self.model.max_seq_length, getattr(self.model[0], "config", None))
-        self._device = torch.device(placement.device)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = settings.embedding_cache_size
         self._cache_lock = threading.Lock()  # measure() peeks from the tokenize threads
-        self.info = ModelInfo(
-            model_id=source.model_id,
-            revision=source.revision,
-            backend="bi-encoder",
-            device=str(self._device),
-            dtype=dtype_name,
-            attention=placement.attention,
-            max_length=self.max_length,
-            accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),
-        )
+        self.info = self._model_info(self.max_length)
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
-        with self._measure_lock:
-            enc = self._measure_tokenizer(
-                [p.document for p in pairs], truncation=False, add_special_tokens=True, verbose=False
-            )
+        lengths = self._token_lengths([p.document for p in pairs])
         with self._cache_lock:
             cached = [p.document in self._cache for p in pairs]
         # A cached document costs (almost) nothing to score, which the batcher's token budget should know.
         return [
-            Measure(1 if hit else min(len(ids), self.max_length), len(ids) > self.max_length)
-            for ids, hit in zip(enc["input_ids"], cached, strict=True)
+            Measure(1 if hit else min(n, self.max_length), n > self.max_length)
+            for n, hit in zip(lengths, cached, strict=True)
         ]
 
     def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
