@@ -273,11 +273,9 @@ class HttpApi:
         return json_response({"status": "SERVING" if ready else "NOT_SERVING"}, status=200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return web.Response(
-            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def info(self, request: web.Request) -> web.Response:
         try:

@@ -41,13 +41,13 @@ class Settings(BaseSettings):
         "auto",
         description="Inference precision. 'auto' is bfloat16 on CUDA and on CPUs with native bf16 "
         "(AMX / AVX512-BF16), float32 otherwise. bf16 is several times faster where the hardware has it "
-        "and moves scores by about 1e-2; float32 matches sentence-transformers to 1e-5.",
+        "but keeps only about 3 significant digits; float32 matches sentence-transformers within 1e-4.",
     )
     quantize: Literal["none", "int8"] = Field(
         "none",
         description="CPU only: 'int8' quantises the Linear layers dynamically (int8 weights, fp32 "
-        "activations). About 1.5x faster on CPUs without bf16; scores move by about 1e-2 and close calls "
-        "can swap places, so check rankings on your data (`rerank-sidecar bench` reports agreement).",
+        "activations). 1.3x the fp32 baseline on an AVX2-only CPU (BENCHMARKS.md), but scores move and close "
+        "calls swap places, so check rankings on your data (`rerank-sidecar bench` reports agreement).",
     )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",

