@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,eval,dev]"
+	$(PY) -m pip install -q -e ".[torch,eval,train,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -11,6 +11,8 @@ import grpc
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
+from sidecar.fusion import NO_FUSION, FusionSpec
+from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
 from sidecar.types import Document, HitStatus, RankedHit, RerankResult, Timings
 
 _STATUS = {pb.HIT_STATUS_RERANKED: HitStatus.RERANKED, pb.HIT_STATUS_FALLBACK: HitStatus.FALLBACK}
@@ -31,9 +33,16 @@ class RerankerClient:
         top_n: int | None = None,
         instruction: str | None = None,
         timeout: float | None = 30.0,
+        fusion: FusionSpec | None = None,
     ) -> RerankResult:
-        """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure."""
+        """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure.
+
+        `fusion` overrides the server's default score fusion for this request (docs/fusion.md). Hits come
+        back ranked by `fused_score`; `score` stays the model's own.
+        """
         request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction)
+        if fusion is not None:
+            request.fusion.CopyFrom(fusion_to_proto(fusion))
         for doc in documents:
             d = Document(text=doc) if isinstance(doc, str) else doc
             request.documents.add(id=d.id, text=d.text, title=d.title, first_stage_score=d.first_stage_score)
@@ -47,12 +56,17 @@ class RerankerClient:
                 status=_STATUS.get(r.status, HitStatus.RERANKED),
                 fallback_reason=r.fallback_reason,
                 truncated=r.truncated,
+                fused_score=r.fused_score if r.HasField("fused_score") else None,
             )
             for r in response.results
         ]
         t = response.timings
         timings = Timings(t.queue_seconds, t.inference_seconds, t.total_seconds, t.batches)
-        return RerankResult(hits, response.model_id, response.model_revision, timings)
+        # A server predating fusion sends no `fusion`: it ranked by the model's score.
+        applied = fusion_from_proto(response.fusion) if response.HasField("fusion") else None
+        return RerankResult(
+            hits, response.model_id, response.model_revision, timings, fusion=applied or NO_FUSION
+        )
 
     def info(self, timeout: float | None = 10.0) -> pb.InfoResponse:
         return self._stub.Info(pb.InfoRequest(), timeout=timeout)

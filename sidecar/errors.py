@@ -93,6 +93,13 @@ def public_message(error: BaseException) -> str:
     return GENERIC_INTERNAL_MESSAGE
 
 
+def json_type_name(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages about a field of the wrong type."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
 def outcome_label(error: BaseException | None) -> str:
     """The `outcome` label of the requests counter."""
     if error is None:

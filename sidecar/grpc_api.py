@@ -9,10 +9,12 @@ import grpc
 from sidecar import __version__
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
-from sidecar.errors import RerankError, public_message, status_of
+from sidecar.errors import RerankError, outcome_label, public_message, status_of
+from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
 from sidecar.service import RerankService
 from sidecar.types import Document, HitStatus, RerankQuery, RerankResult
 
+API = "grpc"
 _HIT_STATUS = {HitStatus.RERANKED: pb.HIT_STATUS_RERANKED, HitStatus.FALLBACK: pb.HIT_STATUS_FALLBACK}
 
 
@@ -32,6 +34,7 @@ def query_from_proto(request: pb.RerankRequest, time_remaining: float | None) ->
         top_n=request.top_n if request.HasField("top_n") and request.top_n > 0 else None,
         instruction=request.instruction if request.HasField("instruction") else None,
         deadline=None if time_remaining is None else loop.time() + time_remaining,
+        fusion=fusion_from_proto(request.fusion) if request.HasField("fusion") else None,
     )
 
 
@@ -46,7 +49,9 @@ def result_to_proto(result: RerankResult) -> pb.RerankResponse:
             status=_HIT_STATUS[h.status],
             fallback_reason=h.fallback_reason,
             truncated=h.truncated,
+            fused_score=h.ranking_score,
         )
+    response.fusion.CopyFrom(fusion_to_proto(result.fusion))
     t = result.timings
     response.timings.CopyFrom(
         pb.Timings(
@@ -65,7 +70,13 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         try:
-            result = await self.service.rerank(query_from_proto(request, context.time_remaining()), "grpc")
+            query = query_from_proto(request, context.time_remaining())
+        except RerankError as exc:
+            # Refused before the service saw it, so the service's request counter did not count it.
+            self.service.metrics.requests.labels(API, outcome_label(exc)).inc()
+            await context.abort(status_of(exc).grpc, public_message(exc))
+        try:
+            result = await self.service.rerank(query, API)
         except RerankError as exc:
             await context.abort(status_of(exc).grpc, public_message(exc))
         return result_to_proto(result)
@@ -73,6 +84,7 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
             info = self.service.model_info()
+            default_fusion = self.service.fusion_default()
         except RerankError as exc:
             await context.abort(status_of(exc).grpc, public_message(exc))
         s = self.service.settings
@@ -90,4 +102,5 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
             max_queue_pairs=s.max_queue_pairs,
             accepts_instruction=info.accepts_instruction,
             server_version=__version__,
+            default_fusion=fusion_to_proto(default_fusion),
         )

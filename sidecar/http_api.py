@@ -11,9 +11,13 @@ sidecar.opensearch.mlcommons for the ml-commons facts behind them):
   POST /v1/opensearch/scores   {"scores": [one float per document, in input order]}
       for ml_inference + rerank.by_field
 
-Request: {"query": str, "documents": [str | {"text", "title"?, "id"?} | [str, ...]], "top_n"?: int,
-"instruction"?: str, "return_documents"?: bool}. Unknown fields are ignored (Cohere clients send `model`).
-The `x-rerank-timeout-ms` header sets the deadline. GET /health (/healthz), /metrics, /v1/info.
+Request: {"query": str, "documents": [str | {"text", "title"?, "id"?, "first_stage_score"?} | [str, ...]],
+"top_n"?: int, "instruction"?: str, "return_documents"?: bool, "fusion"?: "none" | "blend" | "rrf" |
+{"method", "alpha"?, "normalization"?, "rrf_k"?}}. Unknown top-level fields are ignored (Cohere clients
+send `model`). Every shape's score is the ranking score (fused when fusion applies, docs/fusion.md); the
+Cohere shape also carries the raw `rerank_score`, the `first_stage_score` and the applied `fusion`, and
+every answer names the fusion in the `x-rerank-fusion` header. The `x-rerank-timeout-ms` header sets the
+deadline. GET /health (/healthz), /metrics, /v1/info.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,10 +38,12 @@ from sidecar.errors import (
     InvalidSchema,
     PayloadTooLarge,
     RerankError,
+    json_type_name,
     outcome_label,
     public_message,
     status_of,
 )
+from sidecar.fusion import FusionSpec
 from sidecar.metrics import Metrics
 from sidecar.opensearch import mlcommons
 from sidecar.service import RerankService
@@ -76,12 +83,6 @@ def decode_json(body: bytes) -> Any:
         raise InvalidInput("malformed JSON: nested too deeply") from exc
 
 
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number"
-    )
-
-
 def _unicode(value: str, where: str) -> str:
     # JSON can spell lone surrogates (\ud800) that no tokenizer accepts: refuse them here, not with a 500.
     try:
@@ -100,36 +101,52 @@ def _document(i: int, raw: Any) -> Document:
     if isinstance(raw, dict):
         text = raw.get("text")
         if not isinstance(text, str):
-            raise InvalidSchema(f"documents[{i}].text must be a string, got {_type_name(text)}")
+            raise InvalidSchema(f"documents[{i}].text must be a string, got {json_type_name(text)}")
         title = raw.get("title")
         if title is not None and not isinstance(title, str):
-            raise InvalidSchema(f"documents[{i}].title must be a string or null, got {_type_name(title)}")
+            raise InvalidSchema(f"documents[{i}].title must be a string or null, got {json_type_name(title)}")
         doc_id = raw.get("id", "")
         if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
-            raise InvalidSchema(f"documents[{i}].id must be a string, got {_type_name(doc_id)}")
+            raise InvalidSchema(f"documents[{i}].id must be a string, got {json_type_name(doc_id)}")
+        first_stage = raw.get("first_stage_score")
+        if first_stage is not None and (
+            isinstance(first_stage, bool) or not isinstance(first_stage, int | float)
+        ):
+            got = json_type_name(first_stage)
+            raise InvalidSchema(f"documents[{i}].first_stage_score must be a number or null, got {got}")
         return Document(
             text=_unicode(text, f"documents[{i}].text"),
             title=_unicode(title, f"documents[{i}].title") if title else None,
             id=_unicode(str(doc_id), f"documents[{i}].id"),
+            first_stage_score=None if first_stage is None else _as_float(first_stage),
         )
-    raise InvalidSchema(f"documents[{i}] must be a string or an object with `text`, got {_type_name(raw)}")
+    raise InvalidSchema(
+        f"documents[{i}] must be a string or an object with `text`, got {json_type_name(raw)}"
+    )
+
+
+def _as_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer literal beyond double range; the service refuses non-finite scores
+        return math.inf
 
 
 def parse_request(obj: Any, deadline: float | None, all_documents: bool = False) -> tuple[RerankQuery, bool]:
     """JSON value -> (RerankQuery, return_documents); InvalidSchema (422) for missing or mistyped fields."""
     if not isinstance(obj, dict):
-        raise InvalidSchema(f"the body must be a JSON object, got {_type_name(obj)}")
+        raise InvalidSchema(f"the body must be a JSON object, got {json_type_name(obj)}")
     if "query" not in obj:
         raise InvalidSchema("missing field `query`: the search text to rerank against")
     query = obj["query"]
     if not isinstance(query, str):
-        raise InvalidSchema(f"`query` must be a string, got {_type_name(query)}")
+        raise InvalidSchema(f"`query` must be a string, got {json_type_name(query)}")
     _unicode(query, "`query`")
     if "documents" not in obj:
         raise InvalidSchema("missing field `documents`: an array of strings or objects with `text`")
     raw_docs = obj["documents"]
     if not isinstance(raw_docs, list):
-        raise InvalidSchema(f"`documents` must be an array, got {_type_name(raw_docs)}")
+        raise InvalidSchema(f"`documents` must be an array, got {json_type_name(raw_docs)}")
     documents = [_document(i, d) for i, d in enumerate(raw_docs)]
     top_n = obj.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
@@ -138,14 +155,20 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     top_n = None if all_documents or not top_n else min(top_n, len(documents)) or None
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
-        raise InvalidSchema(f"`instruction` must be a string, got {_type_name(instruction)}")
+        raise InvalidSchema(f"`instruction` must be a string, got {json_type_name(instruction)}")
     if instruction:
         _unicode(instruction, "`instruction`")
     return_documents = obj.get("return_documents", False)
     if not isinstance(return_documents, bool):
-        raise InvalidSchema(f"`return_documents` must be a boolean, got {_type_name(return_documents)}")
+        raise InvalidSchema(f"`return_documents` must be a boolean, got {json_type_name(return_documents)}")
+    fusion = obj.get("fusion")
     q = RerankQuery(
-        query=query, documents=documents, top_n=top_n, instruction=instruction or None, deadline=deadline
+        query=query,
+        documents=documents,
+        top_n=top_n,
+        instruction=instruction or None,
+        deadline=deadline,
+        fusion=None if fusion is None else FusionSpec.parse(fusion),
     )
     return q, return_documents
 
@@ -165,7 +188,8 @@ def parse_deadline(request: web.Request) -> float | None:
 
 # ---- response translation ---------------------------------------------------------------------
 def _entry(hit: RankedHit) -> dict[str, Any]:
-    entry: dict[str, Any] = {"index": hit.index, "relevance_score": mlcommons.encode_score(hit.score)}
+    # OpenSearch orders hits by relevance_score, so it is the ranking (fused) score.
+    entry: dict[str, Any] = {"index": hit.index, "relevance_score": mlcommons.encode_score(hit.ranking_score)}
     if hit.status is not HitStatus.RERANKED:
         entry["fallback_reason"] = hit.fallback_reason or hit.status.value
     return entry
@@ -175,10 +199,19 @@ def cohere_body(result: RerankResult, q: RerankQuery, return_documents: bool) ->
     results = []
     for hit in result.hits:
         entry = _entry(hit)
+        entry["rerank_score"] = mlcommons.encode_score(hit.score)
+        if hit.first_stage_score is not None:
+            entry["first_stage_score"] = hit.first_stage_score
+        entry["fused_score"] = entry["relevance_score"]
         if return_documents:
             entry["document"] = {"text": q.documents[hit.index].text}
         results.append(entry)
-    return {"id": str(uuid.uuid4()), "results": results, "model": result.model_id}
+    return {
+        "id": str(uuid.uuid4()),
+        "results": results,
+        "model": result.model_id,
+        "fusion": result.fusion.to_dict(),
+    }
 
 
 def list_body(result: RerankResult) -> list[dict[str, Any]]:
@@ -188,14 +221,17 @@ def list_body(result: RerankResult) -> list[dict[str, Any]]:
 def scores_body(result: RerankResult, n: int) -> dict[str, Any]:
     scores: list[float | None] = [None] * n
     for hit in result.hits:
-        scores[hit.index] = mlcommons.encode_score(hit.score)
+        scores[hit.index] = mlcommons.encode_score(hit.ranking_score)
     if any(s is None for s in scores):
         raise InternalError(f"the service returned {len(result.hits)} hits for {n} documents")
     return {"scores": scores}
 
 
 def _headers(result: RerankResult) -> dict[str, str]:
-    headers = {"x-rerank-model": result.model_id.encode("ascii", "replace").decode("ascii")}
+    headers = {
+        "x-rerank-model": result.model_id.encode("ascii", "replace").decode("ascii"),
+        "x-rerank-fusion": result.fusion.describe(),
+    }
     fallback = sum(h.status is not HitStatus.RERANKED for h in result.hits)
     if fallback:
         headers["x-rerank-fallback"] = str(fallback)
@@ -280,6 +316,7 @@ class HttpApi:
     async def info(self, request: web.Request) -> web.Response:
         try:
             info = self.service.model_info()
+            default_fusion = self.service.fusion_default()
         except RerankError as err:
             return error_response(err)
         s = self.service.settings
@@ -294,6 +331,7 @@ class HttpApi:
                 "accepts_instruction": info.accepts_instruction,
                 "max_documents": s.max_documents,
                 "max_body_bytes": self.max_body_bytes,
+                "default_fusion": default_fusion.to_dict(),
                 "ready": self.service.ready,
             }
         )

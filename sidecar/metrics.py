@@ -64,6 +64,18 @@ class Metrics:
         self.truncated = Counter(
             "reranker_documents_truncated", "Pairs truncated to the model's max length.", registry=r
         )
+        self.fusion_requests = Counter(
+            "reranker_fusion_requests",
+            "Answered rerank requests by the score fusion applied (none, blend, rrf).",
+            ["method"],
+            registry=r,
+        )
+        self.fusion_skipped = Counter(
+            "reranker_fusion_skipped",
+            "Requests where the server's default fusion could not apply and none was used instead.",
+            ["reason"],
+            registry=r,
+        )
         self.ready = Gauge("reranker_ready", "1 when serving, 0 when loading or draining.", registry=r)
         self.model_info = Gauge(
             "reranker_model_info",

@@ -1,4 +1,4 @@
-"""The rerank service: validate -> job -> batcher -> sort, top_n. Shared by every front end.
+"""The rerank service: validate -> job -> batcher -> fuse, sort, top_n. Shared by every front end.
 
 Front ends (gRPC, HTTP) translate their wire format to `RerankQuery`, call `rerank`, and translate the
 `RerankResult` or `RerankError` back. Readiness lives here so gRPC health and HTTP /health agree.
@@ -20,6 +20,15 @@ from sidecar.errors import (
     NotReady,
     RerankError,
     outcome_label,
+)
+from sidecar.fusion import (
+    NO_FUSION,
+    FusionMethod,
+    FusionSpec,
+    check_inputs,
+    configured_default,
+    first_missing,
+    fuse,
 )
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Pair, Scorer
@@ -48,6 +57,9 @@ class RerankService:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Resolved by `start` (it may read the model directory's fusion.json).
+        self.default_fusion: FusionSpec | None = None
+        self._told_blend_skipped = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @property
@@ -57,6 +69,8 @@ class RerankService:
     async def start(self) -> None:
         """Load the model (in a thread), start the batcher, run the warm-up batch, then report ready."""
         loop = asyncio.get_running_loop()
+        # Before the model loads, so a malformed fusion.json fails the start at once.
+        self.default_fusion = self._resolve_default_fusion()
         if self.scorer is None:
             from sidecar.scoring.loading import load_scorer
 
@@ -84,6 +98,13 @@ class RerankService:
         self.metrics.ready.set(1)
         log.info("serving %s (%s on %s, %s)", info.model_id, info.backend, info.device, info.dtype)
 
+    def _resolve_default_fusion(self) -> FusionSpec:
+        from sidecar.scoring.loading import local_model_dir
+
+        spec, source = configured_default(self.settings, local_model_dir(self.settings.model))
+        log.info("default score fusion: %s (%s)", spec.describe(), source)
+        return spec
+
     def begin_drain(self) -> None:
         """Stop taking new work; in-flight requests continue."""
         self._draining = True
@@ -106,6 +127,11 @@ class RerankService:
         if self.scorer is None:
             raise NotReady("the model is still loading")
         return self.scorer.info
+
+    def fusion_default(self) -> FusionSpec:
+        if self.default_fusion is None:
+            raise NotReady("the model is still loading")
+        return self.default_fusion
 
     # ---- requests -----------------------------------------------------------------------------
     async def rerank(self, query: RerankQuery, api: str) -> RerankResult:
@@ -137,6 +163,7 @@ class RerankService:
         if not self.ready or self.scorer is None or self.batcher is None:
             raise NotReady("the sidecar is shutting down" if self._draining else "the model is still loading")
         self._validate(q, self.scorer)
+        fusion = self._fusion_for(q)
         loop = asyncio.get_running_loop()
         deadline = q.deadline if q.deadline is not None else loop.time() + self.settings.default_timeout_s
         pairs = [Pair(q.query, d.model_text(), q.instruction or None) for d in q.documents]
@@ -163,8 +190,9 @@ class RerankService:
                 "were scored; raise the client timeout, send fewer documents, or add capacity"
             ) from exc
 
+        fused = fuse(fusion, scores.tolist(), [d.first_stage_score for d in q.documents])
         # Stable sort: equal scores keep first-stage (input) order.
-        order = sorted(range(len(pairs)), key=lambda i: -float(scores[i]))
+        order = sorted(range(len(pairs)), key=lambda i: -fused[i])
         top_n = q.top_n or len(order)
         hits = [
             RankedHit(
@@ -174,9 +202,11 @@ class RerankService:
                 first_stage_score=q.documents[i].first_stage_score,
                 status=HitStatus.RERANKED,
                 truncated=measures[i].truncated,
+                fused_score=fused[i],
             )
             for i in order[:top_n]
         ]
+        self.metrics.fusion_requests.labels(fusion.method.value).inc()
         info = self.scorer.info
         timings = Timings(
             queue_seconds=stats.queue_seconds,
@@ -184,7 +214,32 @@ class RerankService:
             total_seconds=time.perf_counter() - started,
             batches=stats.batches,
         )
-        return RerankResult(hits=hits, model_id=info.model_id, model_revision=info.revision, timings=timings)
+        return RerankResult(
+            hits=hits, model_id=info.model_id, model_revision=info.revision, timings=timings, fusion=fusion
+        )
+
+    def _fusion_for(self, q: RerankQuery) -> FusionSpec:
+        """The request's fusion, else the server default; a default blend without scores becomes none."""
+        first_stage = [d.first_stage_score for d in q.documents]
+        if q.fusion is not None:
+            check_inputs(q.fusion, first_stage)  # asked for explicitly: refuse what cannot apply
+            return q.fusion
+        assert self.default_fusion is not None
+        spec = self.default_fusion
+        missing = first_missing(first_stage)
+        if spec.method is FusionMethod.BLEND and missing is not None:
+            # OpenSearch's rerank processor sends text only; refusing would break every search.
+            self.metrics.fusion_skipped.labels("no_first_stage_score").inc()
+            if not self._told_blend_skipped:
+                self._told_blend_skipped = True
+                log.warning(
+                    "default fusion %s skipped: documents[%d] has no first_stage_score, so the request is "
+                    "ranked by the reranker alone (counted in reranker_fusion_skipped_total; logged once)",
+                    spec.describe(),
+                    missing,
+                )
+            return NO_FUSION
+        return spec
 
     def _validate(self, q: RerankQuery, scorer: Scorer) -> None:
         s = self.settings

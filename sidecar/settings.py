@@ -130,6 +130,34 @@ class Settings(BaseSettings):
         description="Deadline for requests that carry none. Work past its deadline never reaches the model.",
     )
 
+    # --- score fusion (docs/fusion.md) --------------------------------------------------------
+    fusion: Literal["auto", "none", "blend", "rrf"] = Field(
+        "auto",
+        description="Default score fusion for requests that name none. 'none' ranks by the reranker "
+        "score; 'blend' mixes normalised reranker and first-stage scores (needs first_stage_score on "
+        "every document, else the request gets no fusion); 'rrf' is reciprocal-rank fusion (hit order "
+        "when scores are absent). 'auto' reads fusion.json from a local model directory, else 'none'.",
+    )
+    fusion_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Blend weight of the reranker: 1 is pure reranker order, 0 pure first-stage order. "
+        "Used when --fusion is 'blend'.",
+    )
+    fusion_normalization: Literal["minmax", "zscore"] = Field(
+        "minmax",
+        description="How blend puts both scores on one scale, per request: 'minmax' maps to [0, 1] "
+        "(bounded, but the top and bottom hit alone set the scale, so one outlier squeezes the rest); "
+        "'zscore' is (x - mean) / std (every hit sets the scale; unbounded). Used when --fusion is 'blend'.",
+    )
+    fusion_rrf_k: int = Field(
+        60,
+        ge=1,
+        description="RRF constant k in 1/(k + rank): small k lets the top ranks dominate, large k flattens "
+        "the rank differences. Used when --fusion is 'rrf'.",
+    )
+
     # --- lifecycle ---------------------------------------------------------------------------
     warmup: bool = Field(
         True,

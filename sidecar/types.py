@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from sidecar.fusion import NO_FUSION, FusionSpec
+
 
 @dataclass(frozen=True)
 class Document:
@@ -29,6 +31,8 @@ class RerankQuery:
     instruction: str | None = None
     # Absolute deadline on the event loop's clock (loop.time()); None uses the server default.
     deadline: float | None = None
+    # Score fusion for this request; None uses the server's default.
+    fusion: FusionSpec | None = None
 
 
 class HitStatus(Enum):
@@ -40,11 +44,18 @@ class HitStatus(Enum):
 class RankedHit:
     index: int
     id: str
-    score: float
+    score: float  # the model's (reranker's) raw score, whatever the fusion
     first_stage_score: float | None
     status: HitStatus = HitStatus.RERANKED
     fallback_reason: str = ""
     truncated: bool = False
+    # The score hits are ranked by: `score` fused with the first stage (equal to `score` without fusion).
+    # None only where a server predating fusion sent none.
+    fused_score: float | None = None
+
+    @property
+    def ranking_score(self) -> float:
+        return self.score if self.fused_score is None else self.fused_score
 
 
 @dataclass(frozen=True)
@@ -73,3 +84,5 @@ class RerankResult:
     model_id: str
     model_revision: str
     timings: Timings = field(default_factory=Timings)
+    # The fusion applied: the request's, the server default's, or none when the default could not apply.
+    fusion: FusionSpec = NO_FUSION

@@ -12,10 +12,15 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.fusion import FusionSpec
 
 FIRST_STAGES = ("bm25", "dense", "opensearch")
 APIS = ("grpc", "http", "opensearch", "none")
+# `--fusion` values besides a path to a fusion.json file; "server" sends nothing (the sidecar's default).
+FUSION_METHODS = ("server", "none", "rrf", "blend")
 EXIT_RERANK_ERRORS = 3
 
 
@@ -136,6 +141,28 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
         "--opensearch-pipeline", default=None, help="search pipeline that reranks (with --api opensearch)"
     )
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per rerank call (default 120)")
+    g.add_argument(
+        "--fusion",
+        default="server",
+        metavar="{server,none,rrf,blend,FILE}",
+        help="score fusion each rerank request asks for: server (default: ask for none, the sidecar's "
+        "configured default applies), none, rrf, blend, or a fusion.json file (or a model directory "
+        "holding one, as `rerank-sidecar tune-fusion` writes). When a fusion applies, the report also "
+        "shows the same replay ranked by the model's score alone",
+    )
+    g.add_argument(
+        "--fusion-alpha",
+        type=float,
+        default=None,
+        help="blend weight of the reranker score, 0 (first-stage order) to 1 (reranker order); default 0.5",
+    )
+    g.add_argument(
+        "--fusion-normalization",
+        choices=("minmax", "zscore"),
+        default=None,
+        help="per-query normalisation of both scores before a blend (default minmax)",
+    )
+    g.add_argument("--fusion-rrf-k", type=int, default=None, help="rrf constant k (default 60)")
 
     g = p.add_argument_group("load")
     g.add_argument("--concurrency", type=int, default=1, help="queries in flight (closed loop; default 1)")
@@ -210,7 +237,53 @@ def _validate(args: argparse.Namespace) -> str | None:
             f"--depth {args.depth} is more than --hits {args.hits}: "
             "the rerank stage can only see first-stage hits"
         )
+    if args.fusion != "server" and args.api not in ("grpc", "http"):
+        return f"--fusion {args.fusion} needs --api grpc or http: only the sidecar's own API takes a fusion"
     return None
+
+
+def fusion_option(args: argparse.Namespace) -> FusionSpec | None:
+    """`--fusion` and its parameters -> the `FusionSpec` every rerank request names, or None for the
+    server's default. ValueError says what is wrong."""
+    import json
+
+    from sidecar.errors import InvalidInput
+    from sidecar.fusion import FUSION_FILE, FusionMethod, FusionSpec
+
+    value = args.fusion
+    for flag, given, method in (
+        ("--fusion-alpha", args.fusion_alpha, "blend"),
+        ("--fusion-normalization", args.fusion_normalization, "blend"),
+        ("--fusion-rrf-k", args.fusion_rrf_k, "rrf"),
+    ):
+        if given is not None and value != method:
+            raise ValueError(f"{flag} applies to --fusion {method} only (got --fusion {value})")
+    if value == "server":
+        return None
+    try:
+        if value in FUSION_METHODS:
+            params = {
+                "alpha": args.fusion_alpha,
+                "normalization": args.fusion_normalization,
+                "rrf_k": args.fusion_rrf_k,
+            }
+            return FusionSpec(FusionMethod(value), **{k: v for k, v in params.items() if v is not None})
+        path = Path(value).expanduser()
+        if path.is_dir():
+            path = path / FUSION_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"--fusion {value!r} is neither a method ({', '.join(FUSION_METHODS)}) nor a {FUSION_FILE} "
+                "file or a directory holding one"
+            )
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--fusion {path} is not readable JSON ({exc})") from None
+        # Not strict: fusion.json carries where and how it was chosen besides the spec.
+        return FusionSpec.from_dict(obj, where=str(path), strict=False)
+    except InvalidInput as exc:  # InvalidSchema included
+        raise ValueError(f"--fusion {value}: {exc.message}") from None
 
 
 def _env(name: str) -> str | None:
@@ -290,9 +363,16 @@ def _load_opensearch(args: argparse.Namespace, dataset: Any, url: str, index: st
 
 
 def _build_reranker(
-    args: argparse.Namespace, first_stage: Any, out_dir: Path, stack: ExitStack, progress: Any
+    args: argparse.Namespace,
+    first_stage: Any,
+    out_dir: Path,
+    stack: ExitStack,
+    progress: Any,
+    fusion: FusionSpec | None = None,
 ) -> tuple[Any, str | None]:
-    """The reranker, and a gRPC address to ask for the model's Info (None when there is no sidecar)."""
+    """The reranker, and a gRPC address to ask for the model's Info (None when there is no sidecar).
+
+    `fusion` (a `FusionSpec`, None for the server's default) is named in every sidecar request."""
     if args.api == "none" or args.depth == 0:
         return None, None
     if args.api == "opensearch":
@@ -316,12 +396,12 @@ def _build_reranker(
         progress.update(task, completed=1)
         target, http_url = sc.grpc_target, sc.http_url
     if args.api == "grpc":
-        grpc_reranker = GrpcReranker(target, timeout=args.timeout)
+        grpc_reranker = GrpcReranker(target, timeout=args.timeout, fusion=fusion)
         stack.callback(grpc_reranker.close)
         if not local:
             grpc_reranker.wait_ready(timeout=60.0)
         return grpc_reranker, target
-    http_reranker = HttpReranker(http_url, timeout=args.timeout)
+    http_reranker = HttpReranker(http_url, timeout=args.timeout, fusion=fusion)
     stack.callback(http_reranker.close)
     return http_reranker, target
 
@@ -362,6 +442,11 @@ def replay_command(args: argparse.Namespace) -> int:
     if problem:
         print(f"replay: {problem}", file=sys.stderr)
         return 2
+    try:
+        fusion = fusion_option(args)
+    except ValueError as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return 2
     from sidecar.eval import report
     from sidecar.eval.datasets import DatasetError
     from sidecar.eval.replay import ReplayConfig, replay
@@ -390,7 +475,7 @@ def replay_command(args: argparse.Namespace) -> int:
         try:
             first_stage = _build_first_stage(args, dataset, progress)
             stack.callback(first_stage.close)
-            reranker, info_target = _build_reranker(args, first_stage, out_dir, stack, progress)
+            reranker, info_target = _build_reranker(args, first_stage, out_dir, stack, progress, fusion)
         except (ValueError, RuntimeError, TimeoutError, ConnectionError) as exc:
             progress.stop()
             print(f"replay: {exc}", file=sys.stderr)

@@ -73,13 +73,16 @@ class ReplayResult:
     def first_stage_run(self) -> Run:
         return {q: [(h.doc_id, h.score) for h in r.first_stage] for q, r in self.records.items()}
 
-    def reranked_run(self) -> tuple[Run, int]:
+    def reranked_run(self, unfused: bool = False) -> tuple[Run, int]:
         """The pipeline's final ranking per query, and how many scores had to be nudged to make it strict.
 
         Reranked candidates come first in the sidecar's order with its scores; the first-stage hits beyond
         `depth` follow in first-stage order, scored just below the last reranked hit (their own scores are on
         another scale). A query whose rerank call failed keeps its first-stage ranking: that is what a
         fail-open search would have shown the user.
+
+        `unfused` ranks the head by the model's raw score instead of the fused one, for the queries the
+        sidecar fused (the others are the same either way): reranking without fusion, from the same replay.
         """
         run: Run = {}
         nudged = 0
@@ -87,7 +90,8 @@ class ReplayResult:
             if r.rerank is None:
                 run[q] = [(h.doc_id, h.score) for h in r.first_stage]
                 continue
-            head = list(r.rerank.ranking)
+            ranking = r.rerank.unfused_ranking if unfused else None
+            head = list(ranking if ranking is not None else r.rerank.ranking)
             seen = {d for d, _ in head}
             floor = min((s for _, s in head), default=0.0)
             missing = [d for d in r.candidates if d not in seen]  # candidates the sidecar did not return

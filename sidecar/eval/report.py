@@ -20,6 +20,7 @@ from sidecar.eval.replay import ReplayResult
 SCHEMA = "rerank-sidecar/replay/v1"
 RUN_FIRST_STAGE = "run.first_stage.trec"
 RUN_RERANKED = "run.reranked.trec"
+RUN_RERANKED_NO_FUSION = "run.reranked_no_fusion.trec"  # written only when the sidecar fused scores
 RESULT_JSON = "result.json"
 REPORT_MD = "report.md"
 LATENCY_PNG = "latency.png"
@@ -108,21 +109,17 @@ def build_result(
         out["metrics"]["reranked"] = {k: _round(v) for k, v in m.aggregate(rr_pq).items()}
         for q in qids:
             out["per_query"][q]["reranked"] = {k: rr_pq[k][q] for k in names}
-        comparisons = {}
-        for k in names:
-            c = m.compare(fs_pq[k], rr_pq[k], k, seed=seed)
-            comparisons[k] = {
-                "first_stage": _round(c.mean_a),
-                "reranked": _round(c.mean_b),
-                "delta": _round(c.delta),
-                "wins": c.wins,
-                "losses": c.losses,
-                "ties": c.ties,
-                "t_statistic": _round(c.t_statistic),
-                "t_test_p": _round(c.t_p_value),
-                "randomization_p": _round(c.randomization_p_value),
-            }
-        out["comparison"] = comparisons
+        out["comparison"] = _comparisons(fs_pq, rr_pq, names, ("first_stage", "reranked"), seed)
+        fusion = _fusion_summary(result, rerank)
+        if fusion is not None:
+            nf_run, _ = result.reranked_run(unfused=True)
+            nf_pq = m.evaluate(qrels, nf_run, qids, names)
+            out["metrics"]["reranked_no_fusion"] = {k: _round(v) for k, v in m.aggregate(nf_pq).items()}
+            for q in qids:
+                out["per_query"][q]["reranked_no_fusion"] = {k: nf_pq[k][q] for k in names}
+            # Δ is fused minus unfused: what the fusion adds to the same model's reranking.
+            fusion["comparison"] = _comparisons(nf_pq, rr_pq, names, ("reranked_no_fusion", "reranked"), seed)
+            out["fusion"] = fusion
         ok = [r for r in records if r.rerank is not None]
         latency["rerank"] = m.latency_summary([r.rerank_seconds for r in ok if r.rerank_seconds is not None])
         for key, attr in (
@@ -154,6 +151,65 @@ def build_result(
     return out
 
 
+def _comparisons(
+    a: Mapping[str, Mapping[str, float]],
+    b: Mapping[str, Mapping[str, float]],
+    names: Sequence[str],
+    labels: tuple[str, str],
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Per metric: both means under `labels`, Δ (b − a), wins / losses / ties of b, and paired p-values."""
+    out = {}
+    for k in names:
+        c = m.compare(a[k], b[k], k, seed=seed)
+        out[k] = {
+            labels[0]: _round(c.mean_a),
+            labels[1]: _round(c.mean_b),
+            "delta": _round(c.delta),
+            "wins": c.wins,
+            "losses": c.losses,
+            "ties": c.ties,
+            "t_statistic": _round(c.t_statistic),
+            "t_test_p": _round(c.t_p_value),
+            "randomization_p": _round(c.randomization_p_value),
+        }
+    return out
+
+
+def _fusion_name(spec: Mapping[str, Any]) -> str:
+    from sidecar.fusion import FusionSpec
+
+    try:
+        return FusionSpec.from_dict(spec, strict=False).describe()
+    except Exception:  # a server's spelling this client does not know: show it as sent
+        return json.dumps(spec, sort_keys=True)
+
+
+def _fusion_summary(result: ReplayResult, rerank: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What the sidecar reported applying, when it fused at least one query; None when it fused none."""
+    answered = [r.rerank for r in result.records.values() if r.rerank is not None]
+    fused = [o.fusion for o in answered if o.fused and o.fusion is not None]
+    if not fused:
+        return None
+    counts: dict[str, int] = {}
+    by_name: dict[str, dict[str, Any]] = {}
+    for spec in fused:
+        name = _fusion_name(spec)
+        counts[name] = counts.get(name, 0) + 1
+        by_name.setdefault(name, spec)
+    applied = max(counts, key=lambda n: counts[n])  # one in practice; the most common if the server varied
+    requested = (rerank or {}).get("fusion_requested")
+    return {
+        "requested": dict(requested) if requested else "server default",
+        "applied": by_name[applied],
+        "applied_name": applied,
+        "queries_fused": len(fused),
+        # Reranked by the model alone, e.g. a server-default blend on a query without first-stage scores.
+        "queries_not_fused": len(answered) - len(fused),
+        "by_fusion": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+    }
+
+
 def write_outputs(
     out_dir: Path, dataset: Dataset, result: ReplayResult, summary: dict[str, Any], *, plots: bool = True
 ) -> dict[str, str]:
@@ -167,6 +223,10 @@ def write_outputs(
         rr_run, _ = result.reranked_run()
         write_trec_run(out_dir / RUN_RERANKED, rr_run, f"{fs_tag}+rerank")
         files["run_reranked"] = RUN_RERANKED
+        if "fusion" in summary:
+            nf_run, _ = result.reranked_run(unfused=True)
+            write_trec_run(out_dir / RUN_RERANKED_NO_FUSION, nf_run, f"{fs_tag}+rerank-no-fusion")
+            files["run_reranked_no_fusion"] = RUN_RERANKED_NO_FUSION
     if plots:
         plot_latency(out_dir / LATENCY_PNG, result)
         files["latency_plot"] = LATENCY_PNG
@@ -309,9 +369,12 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "",
     ]
     names = list(summary["metrics"]["first_stage"])
+    fusion = summary.get("fusion")
     if reranked:
+        rr_label = "reranked (fused)" if fusion else "reranked"
         lines += [
-            "| metric | first stage | reranked | Δ | wins / losses / ties | paired t p | randomization p |",
+            f"| metric | first stage | {rr_label} | Δ | wins / losses / ties | paired t p "
+            "| randomization p |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for k in names:
@@ -326,6 +389,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
             "Significance: two-sided paired tests over queries (Student t, and a sign-flip randomization "
             "test with a fixed seed); a small p-value means the difference is unlikely to be chance.",
         ]
+        if fusion:
+            lines += ["", *_fusion_markdown(fusion, names)]
     else:
         lines += ["| metric | first stage |", "| --- | ---: |"]
         lines += [f"| {k} | {_fmt(summary['metrics']['first_stage'][k])} |" for k in names]
@@ -373,6 +438,42 @@ def markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fusion_line(fusion: Mapping[str, Any]) -> str:
+    requested, applied = fusion["requested"], fusion["applied_name"]
+    if isinstance(requested, str):
+        source = "the sidecar's default"
+    else:
+        asked = _fusion_name(requested)
+        source = "as requested" if asked == applied else f"requested: {asked}"
+    line = (
+        f"{applied} on {fusion['queries_fused']} of "
+        f"{fusion['queries_fused'] + fusion['queries_not_fused']} reranked queries ({source})"
+    )
+    others = [f"{n} on {c}" for n, c in fusion["by_fusion"].items() if n != fusion["applied_name"]]
+    return line + (f"; also {', '.join(others)}" if others else "")
+
+
+def _fusion_markdown(fusion: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    lines = [
+        "### Score fusion",
+        "",
+        f"The sidecar fused its scores with the first stage's: {_fusion_line(fusion)}. "
+        "*Reranked, no fusion* ranks the same candidates of the same replay by the model's raw score "
+        f"(`{RUN_RERANKED_NO_FUSION}`); Δ is fused minus no fusion.",
+        "",
+        "| metric | reranked, no fusion | reranked (fused) | Δ | wins / losses / ties | paired t p "
+        "| randomization p |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for k in names:
+        c = fusion["comparison"][k]
+        lines.append(
+            f"| {k} | {_fmt(c['reranked_no_fusion'])} | {_fmt(c['reranked'])} | {c['delta']:+.4f} | "
+            f"{c['wins']} / {c['losses']} / {c['ties']} | {_p(c['t_test_p'])} | {_p(c['randomization_p'])} |"
+        )
+    return lines
+
+
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     ds = summary["dataset"]
@@ -380,18 +481,20 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     title = f"{ds['name']} {ds['split']}: {ds['queries']} queries"
     rr = summary.get("rerank") or {}
     fs_label = summary["first_stage"].get("kind", "first stage")
+    fusion = summary.get("fusion")
     console.print(f"[bold]{title}[/]", highlight=False)
     if reranked:
         console.print(
             f"reranker: {rr.get('model_id') or '?'} ({rr.get('backend') or rr.get('api', '')}) via "
-            f"{rr.get('api')}, depth {summary['config']['depth']}",
+            f"{rr.get('api')}, depth {summary['config']['depth']}"
+            + (f", fusion {fusion['applied_name']}" if fusion else ""),
             highlight=False,
         )
     table = Table()
     table.add_column("metric")
     table.add_column(fs_label, justify="right")
     if reranked:
-        table.add_column("reranked", justify="right")
+        table.add_column("reranked (fused)" if fusion else "reranked", justify="right")
         table.add_column("Δ", justify="right")
         table.add_column("W/L/T", justify="right")
         table.add_column("p (t / rand.)", justify="right")
@@ -409,6 +512,22 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
         else:
             table.add_row(k, _fmt(v))
     console.print(table)
+    if fusion:
+        # A second table: fused vs unfused is its own comparison (Δ, wins and p-values against no fusion).
+        console.print(f"fusion: {_fusion_line(fusion)}; fused vs the model alone:", highlight=False)
+        ft = Table()
+        for col in ("metric", "no fusion", "fused", "Δ", "W/L/T", "p (t / rand.)"):
+            ft.add_column(col, justify="left" if col == "metric" else "right")
+        for k, c in fusion["comparison"].items():
+            ft.add_row(
+                k,
+                _fmt(c["reranked_no_fusion"]),
+                _fmt(c["reranked"]),
+                f"{c['delta']:+.4f}",
+                f"{c['wins']}/{c['losses']}/{c['ties']}",
+                f"{_p(c['t_test_p'])} / {_p(c['randomization_p'])}",
+            )
+        console.print(ft)
     lat = Table()
     for col in ("latency (ms)", "p50", "p95", "p99", "mean"):
         lat.add_column(col, justify="left" if col.startswith("latency") else "right")

@@ -1,7 +1,9 @@
 """The rerank stage as the evaluator sees it: one call per query to the sidecar over gRPC or HTTP/JSON.
 
-Each call returns the candidates in the order the sidecar ranked them, with its scores and, over gRPC, the
-server's own timings (queue, inference) so client-side and server-side latency can be told apart.
+Each call returns the candidates in the order the sidecar ranked them, with its ranking scores and, over gRPC,
+the server's own timings (queue, inference) so client-side and server-side latency can be told apart. When the
+sidecar fused the model's score with the first stage's, the same candidates ranked by the model's raw score
+come back too, so one replay measures reranking with and without fusion.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from sidecar.eval.datasets import CorpusDoc
+
+if TYPE_CHECKING:
+    from sidecar.fusion import FusionSpec
 
 # A candidate as the replay hands it over: (document id, document, first-stage score).
 Candidate = tuple[str, CorpusDoc, float]
@@ -29,6 +34,24 @@ class RerankOutput:
     fallback_hits: int = 0
     truncated_hits: int = 0
     fallback_reasons: list[str] = field(default_factory=list)
+    # The same candidates ranked by the model's raw score (ties keep first-stage order); set only when the
+    # sidecar applied a fusion, so `ranking` (the fused order) and this differ by the fusion alone.
+    unfused_ranking: list[tuple[str, float]] | None = None
+    # The fusion the sidecar says it applied (`FusionSpec.to_dict()`); None when it did not say.
+    fusion: dict[str, Any] | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.fusion is not None and self.fusion.get("method") != "none"
+
+
+def by_model_score(docs: Sequence[Candidate], raw: Sequence[tuple[int, float]]) -> list[tuple[str, float]]:
+    """(candidate index, raw model score) per hit -> ranking by that score; ties keep first-stage order.
+
+    The candidates are sent in first-stage order, so the index is the first-stage position; this is the
+    order the sidecar itself returns with fusion `none`.
+    """
+    return [(docs[i][0], score) for i, score in sorted(raw, key=lambda x: (-x[1], x[0]))]
 
 
 class Reranker(Protocol):
@@ -45,14 +68,23 @@ class RerankError(Exception):
     """A rerank call failed; the replay keeps the first-stage order for that query and counts the failure."""
 
 
+def _describe_fusion(d: dict[str, Any], fusion: FusionSpec | None) -> dict[str, Any]:
+    if fusion is not None:  # absent: the request named none and the server's default applied
+        d["fusion_requested"] = fusion.to_dict()
+    return d
+
+
 class GrpcReranker:
+    """`fusion` is named in every request; None leaves the choice to the server's default."""
+
     name = "grpc"
 
-    def __init__(self, target: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, target: str, *, timeout: float = 30.0, fusion: FusionSpec | None = None) -> None:
         from sidecar.client import RerankerClient
 
         self.target = target
         self.timeout = timeout
+        self.fusion = fusion
         self.client = RerankerClient(target)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -68,23 +100,33 @@ class GrpcReranker:
             for doc_id, doc, score in docs
         ]
         try:
-            result = self.client.rerank(query, documents, top_n=len(documents), timeout=self.timeout)
+            result = self.client.rerank(
+                query, documents, top_n=len(documents), timeout=self.timeout, fusion=self.fusion
+            )
         except grpc.RpcError as exc:
             raise RerankError(f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
         fallback = [h for h in result.hits if h.status == HitStatus.FALLBACK]
+        fusion = result.fusion.to_dict()
         return RerankOutput(
-            # Map through `index`, not `id`: the index is what the contract guarantees to echo.
-            ranking=[(docs[h.index][0], float(h.score)) for h in result.hits],
+            # Map through `index`, not `id`: the index is what the contract guarantees to echo. The ranking
+            # score is the fused one (the model's own without fusion): the order and its scores agree.
+            ranking=[(docs[h.index][0], float(h.ranking_score)) for h in result.hits],
             server_queue_seconds=result.timings.queue_seconds,
             server_inference_seconds=result.timings.inference_seconds,
             server_total_seconds=result.timings.total_seconds,
             fallback_hits=len(fallback),
             truncated_hits=sum(1 for h in result.hits if h.truncated),
             fallback_reasons=sorted({h.fallback_reason for h in fallback if h.fallback_reason}),
+            unfused_ranking=(
+                by_model_score(docs, [(h.index, float(h.score)) for h in result.hits])
+                if fusion["method"] != "none"
+                else None
+            ),
+            fusion=fusion,
         )
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"api": "grpc", "target": self.target}
+        d: dict[str, Any] = _describe_fusion({"api": "grpc", "target": self.target}, self.fusion)
         try:
             info = self.client.info(timeout=5.0)
         except Exception as exc:  # the report still renders; the failure is recorded instead of the model
@@ -110,8 +152,11 @@ class GrpcReranker:
 
 
 class HttpReranker:
-    """`POST {url}/v1/rerank` with `{query, documents: [str], top_n}`; answer `{results: [{index,
-    relevance_score}]}` in rank order.
+    """`POST {url}/v1/rerank` with `{query, documents: [{id, text, title?, first_stage_score}], top_n,
+    fusion?}`; answer `{results: [{index, relevance_score, rerank_score, ...}], fusion}` in rank order.
+
+    `relevance_score` is the ranking (fused) score, `rerank_score` the model's; `fusion` is sent only when one
+    is asked for, else the server's default applies.
 
     One keep-alive connection per replay thread: a fresh TCP connection per query would add its handshake to
     every measured rerank latency.
@@ -119,7 +164,9 @@ class HttpReranker:
 
     name = "http"
 
-    def __init__(self, url: str, *, timeout: float = 30.0, path: str = "/v1/rerank") -> None:
+    def __init__(
+        self, url: str, *, timeout: float = 30.0, path: str = "/v1/rerank", fusion: FusionSpec | None = None
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--http-url must be http(s)://host:port, got {url!r}")
@@ -127,6 +174,7 @@ class HttpReranker:
         self.path = (parts.path.rstrip("/") + path) if parts.path not in ("", "/") else path
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self.timeout = timeout
+        self.fusion = fusion
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._all_lock = threading.Lock()
@@ -158,24 +206,39 @@ class HttpReranker:
         raise AssertionError("unreachable")
 
     def rerank(self, query: str, docs: Sequence[Candidate]) -> RerankOutput:
-        body = json.dumps({"query": query, "documents": [d.joined() for _, d, _ in docs], "top_n": len(docs)})
+        # Objects, not strings: only they carry the first-stage score that fusion needs. The sidecar reads
+        # "title text", what `CorpusDoc.joined` (and gRPC's title + text) gives.
+        documents = [
+            {"id": doc_id, "text": doc.text, "title": doc.title or None, "first_stage_score": score}
+            for doc_id, doc, score in docs
+        ]
+        request: dict[str, Any] = {"query": query, "documents": documents, "top_n": len(docs)}
+        if self.fusion is not None:
+            request["fusion"] = self.fusion.to_dict()
         try:
-            status, payload = self._post(body.encode())
+            status, payload = self._post(json.dumps(request).encode())
         except (OSError, http.client.HTTPException) as exc:
             raise RerankError(f"HTTP request failed: {exc}") from None
         if status != 200:
             raise RerankError(f"HTTP {status}: {payload[:300].decode(errors='replace')}")
         try:
-            results = json.loads(payload)["results"]
+            answer = json.loads(payload)
+            results = answer["results"]
             ranking = [(docs[int(r["index"])][0], float(r["relevance_score"])) for r in results]
+            fusion = answer.get("fusion")  # absent from a server predating fusion: it ranked by the model
+            if fusion is not None and not isinstance(fusion, dict):
+                raise TypeError(f"`fusion` is {type(fusion).__name__}, not an object")
+            unfused = None
+            if fusion is not None and fusion.get("method") != "none":
+                unfused = by_model_score(docs, [(int(r["index"]), float(r["rerank_score"])) for r in results])
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise RerankError(
                 f"unexpected HTTP response ({exc!r}): {payload[:300].decode(errors='replace')}"
             ) from None
-        return RerankOutput(ranking=ranking)
+        return RerankOutput(ranking=ranking, unfused_ranking=unfused, fusion=fusion)
 
     def describe(self) -> dict[str, Any]:
-        return {"api": "http", "url": self.url + self.path}
+        return _describe_fusion({"api": "http", "url": self.url + self.path}, self.fusion)
 
     def close(self) -> None:
         with self._all_lock:

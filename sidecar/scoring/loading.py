@@ -30,14 +30,21 @@ class ModelSource:
     local: bool
 
 
-def resolve_source(model: str | None, revision: str | None) -> ModelSource:
+def local_model_dir(model: str | None) -> Path | None:
+    """The local directory `--model` names (the packaged model's when unset); None for a hub id."""
     if model is None:
-        path = packaged_embedding_model_dir()
-        return ModelSource(str(path), f"{PACKAGED_MODEL_NAME} (packaged)", _content_revision(path), True)
+        return packaged_embedding_model_dir()
     path = Path(model).expanduser()
-    if path.is_dir():
-        return ModelSource(str(path.resolve()), str(path.resolve()), _content_revision(path), True)
-    if path.exists() or model.startswith((".", "/", "~")):
+    return path.resolve() if path.is_dir() else None
+
+
+def resolve_source(model: str | None, revision: str | None) -> ModelSource:
+    path = local_model_dir(model)
+    if path is not None:
+        name = f"{PACKAGED_MODEL_NAME} (packaged)" if model is None else str(path)
+        return ModelSource(str(path), name, _content_revision(path), True)
+    assert model is not None
+    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
         raise ValueError(f"--model {model!r} is not a model directory (expected config.json inside)")
     # A hub id: the one case where we may download.
     return ModelSource(model, model, revision or "main", False)

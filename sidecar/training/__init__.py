@@ -1,0 +1,1 @@
+"""Fine-tuning a reranker on one's own BEIR-layout data, and choosing score-fusion weights honestly."""
