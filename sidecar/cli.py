@@ -86,8 +86,12 @@ def _rerank(args: argparse.Namespace) -> int:
         f"model {result.model_id} ({result.model_revision}); queue {t.queue_seconds * 1000:.1f} ms, "
         f"inference {t.inference_seconds * 1000:.1f} ms"
     )
+    fused = result.fusion.method.value != "none"
+    if fused:
+        print(f"ranked by fused score: {result.fusion.describe()} (model score in brackets)")
     for rank, hit in enumerate(result.hits, 1):
-        print(f"{rank:3d}. {hit.score:+.4f}  [{hit.index}] {args.doc[hit.index][:100]}")
+        score = f"{hit.ranking_score:+.4f} ({hit.score:+.4f})" if fused else f"{hit.score:+.4f}"
+        print(f"{rank:3d}. {score}  [{hit.index}] {args.doc[hit.index][:100]}")
     return 0
 
 

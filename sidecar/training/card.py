@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sidecar.training.finetune import FinetuneConfig, FinetuneReport
@@ -68,6 +68,7 @@ def model_card(
         for name in _METRICS
     )
     hyper = {k: v for k, v in asdict(config).items() if k not in {"mining", "data", "out", "cache_root"}}
+    hyper["base"] = report.base
     hyper_rows = "\n".join(f"| `{k}` | {v} |" for k, v in hyper.items())
     best = (
         f"step {report.best_checkpoint_step}" if report.best_checkpoint_step is not None else "the last step"
@@ -114,3 +115,33 @@ Trained on {report.device} in {report.precision}; {report.train_seconds / 60:.1f
 These are dev figures from training queries, used to pick the checkpoint; they are not test results.
 Test results come from `rerank-sidecar replay --model {config.out}` on the test split.
 """
+
+
+FUSION_HEADING = "## Score fusion"
+
+
+def with_fusion_section(card: str, record: dict[str, Any]) -> str:
+    """The card with its score-fusion section (what `tune-fusion` chose, and where) added or replaced."""
+    from sidecar.fusion import FusionSpec
+
+    on, ndcg = record["chosen_on"], record["ndcg@10"]
+
+    spec = FusionSpec.from_dict(record, where="fusion.json", strict=False).describe()
+    section = f"""{FUSION_HEADING}
+
+`fusion.json` holds the fusion chosen by `rerank-sidecar tune-fusion`, **{spec}**: the best
+nDCG@10 over {on["queries"]} queries ({on["query_set"]}, split {on["split"]}, {on["first_stage"]})
+among no fusion, blend (alpha 0 to 1 by 0.05, min-max and z-score) and RRF. The sidecar applies it by
+default (`RERANK_FUSION=auto`).
+
+| ranking of the same candidates | nDCG@10 |
+| --- | --- |
+| BM25 | {ndcg["first_stage"]:.4f} |
+| reranker alone | {ndcg["no_fusion"]:.4f} |
+| reranker fused with BM25 (chosen) | {ndcg["chosen"]:.4f} |
+
+![nDCG@10 by blend weight](fusion_tuning.png)
+"""
+    head, _, tail = card.partition(FUSION_HEADING)
+    rest = tail.split("\n## ", 1)[1] if "\n## " in tail else ""
+    return head.rstrip() + "\n\n" + section + (("\n## " + rest) if rest else "")

@@ -49,12 +49,19 @@ def register(subparsers: Any) -> None:
         help="encoder to start from: a directory or hub id (default: the packaged all-MiniLM-L6-v2 weights "
         "with a fresh 1-label head)",
     )
+    p.add_argument(
+        "--head",
+        choices=("auto", "mean", "classifier"),
+        default="auto",
+        help="fresh head: mean pooling + Dense (auto for sentence-transformers embedding models, which were "
+        "trained to mean-pool) or the Hugging Face CLS classifier (auto for other encoders)",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--learning-rate", type=float, default=5e-5)
+    t.add_argument("--learning-rate", type=float, default=1e-4)
     t.add_argument("--warmup-ratio", type=float, default=0.1)
-    t.add_argument("--max-length", type=int, default=256, help="tokens per (query, document) pair")
+    t.add_argument("--max-length", type=int, default=192, help="tokens per (query, document) pair")
     t.add_argument("--seed", type=int, default=12)
     t.add_argument(
         "--precision",
@@ -82,7 +89,7 @@ def register(subparsers: Any) -> None:
     m = p.add_argument_group("negative mining")
     m.add_argument("--mine-depth", type=int, default=30, help="BM25 (and embedding) hits to mine from")
     m.add_argument("--skip-top", type=int, default=3, help="never take negatives from the first N ranks")
-    m.add_argument("--hard-negatives", type=int, default=4, help="BM25 hard negatives per query")
+    m.add_argument("--hard-negatives", type=int, default=3, help="BM25 hard negatives per query")
     m.add_argument(
         "--embedding-negatives",
         type=int,
@@ -160,6 +167,7 @@ def finetune_command(args: argparse.Namespace) -> int:
             max_train_queries=args.max_train_queries,
             evals_per_epoch=args.evals_per_epoch,
             precision=args.precision,
+            head=args.head,
             mining=MiningConfig(
                 depth=args.mine_depth,
                 skip_top=args.skip_top,

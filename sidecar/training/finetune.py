@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEV_QIDS_FILE = "dev_qids.txt"
 TRAINING_FILE = "training.json"
+HEADS = ("auto", "mean", "classifier")
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class FinetuneConfig:
     base: str | None = None  # None: the packaged all-MiniLM-L6-v2 encoder with a fresh 1-label head
     epochs: float = 1.0
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    max_length: int = 256
+    max_length: int = 192
     seed: int = 12
     dev_fraction: float = 0.1
     dev_depth: int = 20
@@ -49,6 +50,7 @@ class FinetuneConfig:
     evals_per_epoch: int = 2
     logging_steps: int | None = None
     precision: str = "auto"  # auto | float32 | bfloat16
+    head: str = "auto"  # auto | mean | classifier (see load_base)
     mining: MiningConfig = field(default_factory=MiningConfig)
     embedding_model: str | None = None  # for embedding-mined negatives; None: the packaged model
     keep_checkpoints: bool = False
@@ -61,6 +63,8 @@ class FinetuneConfig:
             raise ValueError("epochs, batch size and learning rate must be positive")
         if self.dev_depth < 1 or self.evals_per_epoch < 1 or self.max_length < 16:
             raise ValueError("dev depth and evals per epoch must be at least 1, max length at least 16")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
         if self.precision not in {"auto", "float32", "bfloat16"}:
             raise ValueError(f"precision must be auto, float32 or bfloat16, not {self.precision!r}")
 
@@ -109,18 +113,52 @@ def base_source(base: str | None) -> tuple[str, str]:
     return (str(path.resolve()), str(path.resolve())) if path.is_dir() else (base, base)
 
 
-def load_base(base: str | None, max_length: int, seed: int, device: str) -> tuple[Any, str]:
-    """A 1-label CrossEncoder from any encoder: a sentence-transformers embedding model or a plain encoder
-    gets a freshly initialised classification head (seeded); an existing reranker continues training."""
+def is_embedding_model(path: str) -> bool:
+    """A local sentence-transformers embedding model (modules.json with a Pooling module), not a reranker."""
+    root = Path(path)
+    modules, st_config = root / "modules.json", root / "config_sentence_transformers.json"
+    if not modules.is_file():
+        return False
+    if st_config.is_file() and json.loads(st_config.read_text()).get("model_type") == "CrossEncoder":
+        return False
+    return any("Pooling" in m.get("type", "") for m in json.loads(modules.read_text()))
+
+
+def load_base(
+    base: str | None, max_length: int, seed: int, device: str, head: str = "auto"
+) -> tuple[Any, str]:
+    """A 1-label CrossEncoder from any encoder, with a freshly initialised (seeded) head; an existing
+    reranker continues training with its own head.
+
+    Heads: `mean` is mean pooling over the pair's tokens then Dense(dim -> 1), a modular sentence-transformers
+    head (the Ettin shape, with mean instead of CLS pooling); `classifier` is Hugging Face's
+    sequence-classification head on the CLS token. `auto` takes `mean` for sentence-transformers embedding
+    models, which were trained to mean-pool (their CLS vector was never trained to summarise the input), and
+    `classifier` for anything else.
+    """
     import transformers
     from sentence_transformers import CrossEncoder
 
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     path, name = base_source(base)
     transformers.set_seed(seed)
-    model = CrossEncoder(
-        path, num_labels=1, max_length=max_length, device=device, local_files_only=Path(path).is_dir()
-    )
-    return model, name
+    local = Path(path).is_dir()
+    if head == "mean" or (head == "auto" and local and is_embedding_model(path)):
+        import torch
+        from sentence_transformers.cross_encoder.modules import Dense, Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+
+        encoder = Transformer(path, max_seq_length=max_length, model_kwargs={"local_files_only": local})
+        dim = encoder.get_embedding_dimension()
+        modules = [
+            encoder,
+            Pooling(dim, pooling_mode="mean"),
+            Dense(dim, 1, activation_function=torch.nn.Identity(), module_output_name="scores"),
+        ]
+        return CrossEncoder(modules=modules, device=device), f"{name}, mean-pooling head"
+    model = CrossEncoder(path, num_labels=1, max_length=max_length, device=device, local_files_only=local)
+    return model, f"{name}, classification head"
 
 
 def finetune(
@@ -189,7 +227,7 @@ def finetune(
     )
 
     device, dtype = choose_precision(config.precision)
-    model, base_name = load_base(config.base, config.max_length, config.seed, device)
+    model, base_name = load_base(config.base, config.max_length, config.seed, device, config.head)
     train_dataset = hf_datasets.Dataset.from_dict(as_columns(mined, data))
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
     evaluator = DevRerankEvaluator(dev, data.qrels_for(dev_qids), batch_size=max(32, config.batch_size))

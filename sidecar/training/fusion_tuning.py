@@ -168,6 +168,11 @@ def tune_fusion(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     plot = _plot(grid, baseline, out.with_name("fusion_tuning.png"), best)
+    card = out.parent / "README.md"
+    if model is not None and out.parent == model and card.is_file():
+        from sidecar.training.card import with_fusion_section
+
+        card.write_text(with_fusion_section(card.read_text(), record))
     console.print(
         f"[bold]chosen:[/] {best.describe()}  nDCG@10 {by_spec[best]['ndcg@10']:.4f} "
         f"(no fusion {by_spec[NO_FUSION]['ndcg@10']:.4f}, BM25 {baseline['ndcg@10']:.4f}) -> {out}"

@@ -26,7 +26,7 @@ from sidecar.eval.first_stage import FirstStage, Hit, advance, progress_task
 class MiningConfig:
     depth: int = 30
     skip_top: int = 3
-    hard_negatives: int = 4
+    hard_negatives: int = 3
     embedding_negatives: int = 0
     random_negatives: int = 1
 

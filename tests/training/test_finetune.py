@@ -91,6 +91,8 @@ def test_fusion_weights_were_chosen_on_dev_queries(finetuned: Path) -> None:
     chosen = fusion["ndcg@10"]["chosen"]
     assert chosen == max(row["ndcg@10"] for row in fusion["grid"])
     assert chosen >= fusion["ndcg@10"]["no_fusion"]
+    card = (finetuned / "README.md").read_text()
+    assert "## Score fusion" in card and f"{chosen:.4f}" in card and card.count("## Score fusion") == 1
 
 
 def test_finetuned_directory_is_served_by_the_sidecar(finetuned: Path) -> None:
@@ -119,3 +121,32 @@ def test_finetuned_directory_is_served_by_the_sidecar(finetuned: Path) -> None:
         scored = [Document(text=d, first_stage_score=s) for d, s in zip(docs, (12.0, 9.5, 3.0), strict=True)]
         applied = client.rerank(query, scored).fusion
         assert applied == load_model_fusion(finetuned)
+
+
+def test_embedding_model_base_gets_a_mean_pooling_head_that_serves(
+    packaged_model_dir: Path, bert_ce_dir: Path, modernbert_ce_dir: Path, tmp_path: Path
+) -> None:
+    from sentence_transformers import CrossEncoder
+
+    from sidecar.training.finetune import is_embedding_model, load_base
+    from tests.conftest import make_scorer
+
+    assert is_embedding_model(str(packaged_model_dir))
+    assert not is_embedding_model(str(bert_ce_dir)) and not is_embedding_model(str(modernbert_ce_dir))
+
+    model, name = load_base(str(packaged_model_dir), max_length=64, seed=1, device="cpu")
+    assert "mean-pooling head" in name
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense"]
+    out = tmp_path / "mean-head"
+    model.save_pretrained(str(out))
+    pairs = [("vitamin D and fractures", "Low vitamin D raises fracture risk."), ("a", "unrelated text")]
+    expected = CrossEncoder(str(out), device="cpu").predict(pairs)
+    from sidecar.scoring.base import Pair
+
+    scorer = make_scorer(out)
+    assert scorer.info.backend == "cross-encoder"
+    got = scorer.score([Pair(q, d) for q, d in pairs])
+    assert got == pytest.approx(expected, abs=1e-5)
+    # Seeded: the same base and seed give the same fresh head.
+    again, _ = load_base(str(packaged_model_dir), max_length=64, seed=1, device="cpu")
+    assert again.predict(pairs) == pytest.approx(expected, abs=1e-6)
