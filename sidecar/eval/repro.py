@@ -128,7 +128,9 @@ def select(
 
 def argv_for(command: str, output: Path) -> list[str]:
     """The command as a process argv; `rerank-sidecar` runs through this interpreter's `-m sidecar.eval`, so a
-    checkout reproduces without an installed entry point (the parser is the same)."""
+    checkout reproduces without an installed entry point (the parser is the same). `{repo}` is this checkout's
+    root, for files the repository ships (such as fusion weights)."""
+    command = command.replace("{repo}", shlex.quote(str(repo_root())))
     argv = shlex.split(command.replace("{output}", shlex.quote(str(output))))
     if argv and argv[0] == "rerank-sidecar":
         argv = [sys.executable, "-m", "sidecar.eval", *argv[1:]]

@@ -115,7 +115,11 @@ def register(subparsers: Any) -> None:
     )
     _add_data_arguments(p)
     p.add_argument("--model", default=None, help="model directory (default: the packaged embedding model)")
-    p.add_argument("--out", default=None, help="where to write fusion.json (default: MODEL/fusion.json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for fusion.json and its plot, or a *.json file path (default: the model directory)",
+    )
     p.add_argument("--depth", type=int, default=100, help="BM25 hits per query to rerank")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N queries")
     p.add_argument(

@@ -96,6 +96,20 @@ def select_queries(
     return (chosen[:max_queries] if max_queries else chosen), label
 
 
+def output_path(model: Path | None, out: Path | None) -> Path:
+    """Where fusion.json goes: `out` as a directory (existing or to be made) unless it names a *.json file;
+    without `out`, the model directory."""
+    if out is None:
+        if model is None:
+            raise FusionTuningError(
+                "the packaged model lives inside the Python installation: pass --out DIR for its fusion.json"
+            )
+        return model / FUSION_FILE
+    if out.is_dir() or out.suffix.lower() != ".json":
+        return out / FUSION_FILE
+    return out
+
+
 def tune_fusion(
     *,
     model: Path | None,
@@ -121,14 +135,7 @@ def tune_fusion(
     console = console or Console(stderr=True)
     if depth < 2:
         raise FusionTuningError("--depth must be at least 2: fusion reorders a list")
-    if out is None:
-        if model is None:
-            raise FusionTuningError(
-                "the packaged model lives inside the Python installation: pass --out FILE for its fusion.json"
-            )
-        out = model / FUSION_FILE
-    elif out.is_dir():
-        out = out / FUSION_FILE
+    out = output_path(model, out)
     dataset = beir.load(data, split="train")
     qids, label = select_queries(dataset, model, all_train=all_train, max_queries=max_queries)
     console.print(

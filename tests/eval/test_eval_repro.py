@@ -29,15 +29,17 @@ def test_the_repo_reproduction_file_is_valid() -> None:
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_replay_arguments(parser)
     for c in conditions:
-        argv = shlex.split(c.command)
+        argv = shlex.split(c.command.replace("{repo}", str(repo_root())))
         assert argv[:2] == ["rerank-sidecar", "replay"], c.name
         assert "{output}" in c.command, c.name
         args = parser.parse_args([a.replace("{output}", "/tmp/x") for a in argv[2:]])
         assert args.output == "/tmp/x"
+        if args.fusion not in (None, "server", "none", "rrf", "blend"):
+            assert Path(args.fusion).is_file(), (c.name, args.fusion)  # shipped with the repository
         assert c.dataset and c.first_stage and c.expected, c.name
         for key in c.expected:
             stage, _, metric = key.partition(".")
-            assert stage in ("first_stage", "reranked") and "@" in metric, (c.name, key)
+            assert stage in ("first_stage", "reranked", "reranked_no_fusion") and "@" in metric, (c.name, key)
     assert repro.select(conditions, fast=True)
     assert all(c.fast for c in repro.select(conditions, fast=True))
 

@@ -77,3 +77,11 @@ def test_queries_are_the_model_dev_split_unless_all_train(tmp_path: Path) -> Non
 def test_refuses_to_write_into_the_packaged_model(tmp_path: Path) -> None:
     with pytest.raises(FusionTuningError, match="--out"):
         tune_fusion(model=None, data=_train_dir(tmp_path))
+
+
+def test_out_names_a_directory_unless_it_ends_in_json(tmp_path: Path) -> None:
+    from sidecar.training.fusion_tuning import output_path
+
+    assert output_path(None, tmp_path / "new-dir") == tmp_path / "new-dir" / "fusion.json"
+    assert output_path(None, tmp_path / "weights.json") == tmp_path / "weights.json"
+    assert output_path(tmp_path / "model", None) == tmp_path / "model" / "fusion.json"
