@@ -372,18 +372,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
     fusion = summary.get("fusion")
     if reranked:
         rr_label = "reranked (fused)" if fusion else "reranked"
-        lines += [
-            f"| metric | first stage | {rr_label} | Δ | wins / losses / ties | paired t p "
-            "| randomization p |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for k in names:
-            c = summary["comparison"][k]
-            lines.append(
-                f"| {k} | {_fmt(c['first_stage'])} | {_fmt(c['reranked'])} | {c['delta']:+.4f} | "
-                f"{c['wins']} / {c['losses']} / {c['ties']} | {_p(c['t_test_p'])} | "
-                f"{_p(c['randomization_p'])} |"
-            )
+        lines += _comparison_table("first stage", rr_label, summary["comparison"], "first_stage", names)
         lines += [
             "",
             "Significance: two-sided paired tests over queries (Student t, and a sign-flip randomization "
@@ -461,14 +450,24 @@ def _fusion_markdown(fusion: Mapping[str, Any], names: Sequence[str]) -> list[st
         "*Reranked, no fusion* ranks the same candidates of the same replay by the model's raw score "
         f"(`{RUN_RERANKED_NO_FUSION}`); Δ is fused minus no fusion.",
         "",
-        "| metric | reranked, no fusion | reranked (fused) | Δ | wins / losses / ties | paired t p "
-        "| randomization p |",
+    ]
+    return lines + _comparison_table(
+        "reranked, no fusion", "reranked (fused)", fusion["comparison"], "reranked_no_fusion", names
+    )
+
+
+def _comparison_table(
+    label_a: str, label_b: str, comparisons: Mapping[str, Any], key_a: str, names: Sequence[str]
+) -> list[str]:
+    """A Markdown table of paired comparisons, B (`reranked`) against A (`key_a`), one row per metric."""
+    lines = [
+        f"| metric | {label_a} | {label_b} | Δ | wins / losses / ties | paired t p | randomization p |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for k in names:
-        c = fusion["comparison"][k]
+        c = comparisons[k]
         lines.append(
-            f"| {k} | {_fmt(c['reranked_no_fusion'])} | {_fmt(c['reranked'])} | {c['delta']:+.4f} | "
+            f"| {k} | {_fmt(c[key_a])} | {_fmt(c['reranked'])} | {c['delta']:+.4f} | "
             f"{c['wins']} / {c['losses']} / {c['ties']} | {_p(c['t_test_p'])} | {_p(c['randomization_p'])} |"
         )
     return lines
