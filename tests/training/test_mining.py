@@ -94,3 +94,24 @@ def test_dev_split_is_carved_from_training_queries_deterministically() -> None:
 def test_mining_config_rejects_nonsense(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MiningConfig(**kwargs)
+
+
+def test_embedding_negatives_come_from_the_dense_stage_and_never_repeat(
+    train: datasets.Dataset,
+    bm25,  # type: ignore[no-untyped-def]
+    training_cache: Path,
+) -> None:
+    from sidecar.eval.dense import DenseExact
+
+    dense = DenseExact(train, cache_root=training_cache)  # the packaged all-MiniLM-L6-v2
+    config = MiningConfig(depth=30, skip_top=0, hard_negatives=3, embedding_negatives=3, random_negatives=0)
+    qids = train.query_ids()
+    mined = mine(train, qids, bm25, config, seed=0, embedding_stage=dense)
+    assert mined.counts["embedding"] == 3 * len(qids)
+    for q in qids:
+        rel = relevant(train.qrels[q])
+        hard = [e.doc_id for e in mined.examples if e.qid == q and e.source == "bm25"]
+        emb = [e.doc_id for e in mined.examples if e.qid == q and e.source == "embedding"]
+        assert not set(emb) & set(hard) and not set(emb) & rel
+        dense_top = [h.doc_id for h in dense.search(train.queries[q], 30)]
+        assert set(emb) <= set(dense_top)
