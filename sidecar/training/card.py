@@ -28,6 +28,7 @@ def loss_plot(report: FinetuneReport, path: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("BCE loss (pos_weight)")
     evals = [h for h in report.dev_history if h.get("steps", -1) >= 0]
+    handles, labels = ax.get_legend_handles_labels()
     if evals:
         ax2 = ax.twinx()
         ax2.plot(
@@ -39,10 +40,12 @@ def loss_plot(report: FinetuneReport, path: Path) -> Path | None:
         )
         ax2.axhline(report.dev_before["ndcg@10"], linestyle="--", color="tab:gray", label="dev nDCG@10, BM25")
         ax2.set_ylabel("dev nDCG@10")
-        ax2.legend(loc="lower right")
-    ax.legend(loc="upper right")
+        more_handles, more_labels = ax2.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    # One legend below the axes, so it never covers a curve.
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     ax.set_title(f"fine-tuning {Path(report.base).name}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
