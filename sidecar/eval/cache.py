@@ -28,6 +28,11 @@ def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return Path.home() / ".cache" / "rerank-sidecar"
 
 
+def use_dir(path: str | os.PathLike[str]) -> None:
+    """Make `path` the cache of this process and the processes it starts (datasets, indexes, embeddings)."""
+    os.environ[ENV_CACHE_DIR] = str(Path(path).expanduser())
+
+
 def digest(*parts: str | bytes) -> str:
     """A short stable key for a sequence of parts (each part is length-prefixed, so boundaries count)."""
     h = hashlib.sha256()

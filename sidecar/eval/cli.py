@@ -210,10 +210,7 @@ def _load_dataset(args: argparse.Namespace, progress: Any) -> Any:
     from sidecar.eval import cache, datasets
 
     if args.cache_dir:
-        # One knob for every cache user in this process (datasets, indexes, embeddings).
-        import os
-
-        os.environ[cache.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser())
+        cache.use_dir(args.cache_dir)
     task: list[Any] = []
 
     def on_bytes(done: int, total: int | None) -> None:

@@ -133,12 +133,10 @@ def register(subparsers: Any) -> None:
 
 
 def _resolve_data(args: argparse.Namespace) -> Path:
-    import os
-
     from sidecar.eval import cache, datasets
 
     if args.cache_dir:
-        os.environ[cache.ENV_CACHE_DIR] = str(Path(args.cache_dir).expanduser())
+        cache.use_dir(args.cache_dir)  # also where the index and embeddings go: no cache_root to pass on
     path, _ = datasets.resolve(args.data, args.dataset)
     return path
 
@@ -182,7 +180,6 @@ def finetune_command(args: argparse.Namespace) -> int:
             embedding_model=args.embedding_model,
             keep_checkpoints=args.keep_checkpoints,
             measure_train_loss=args.measure_train_loss,
-            cache_root=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         )
     except (ValueError, DatasetError) as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -210,7 +207,6 @@ def finetune_command(args: argparse.Namespace) -> int:
         data=config.data,
         depth=args.fusion_depth,
         console=console,
-        cache_root=config.cache_root,
     )
     return 0
 
@@ -232,7 +228,6 @@ def tune_fusion_command(args: argparse.Namespace) -> int:
             all_train=args.all_train,
             concurrency=args.concurrency,
             console=console,
-            cache_root=Path(args.cache_dir).expanduser() if args.cache_dir else None,
         )
     except (FusionTuningError, DatasetError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
-from sidecar.eval.metrics import aggregate, evaluate, order_scores
+from sidecar.eval.metrics import evaluate_scored
 
 METRICS = ("ndcg@10", "mrr@10", "map@100")
 
@@ -44,15 +44,13 @@ class DevRerankEvaluator(BaseEvaluator):
         self.show_progress_bar = show_progress_bar
         self.primary_metric = "ndcg@10"
         self.history: list[dict[str, Any]] = []
-        self.last_scores: dict[str, list[float]] = {}
 
     @property
     def qids(self) -> list[str]:
         return [q.qid for q in self.queries]
 
     def first_stage_metrics(self) -> dict[str, float]:
-        run = {q.qid: order_scores([(d, s) for d, _, s in q.candidates])[0] for q in self.queries}
-        return aggregate(evaluate(self.qrels, run, self.qids, METRICS))
+        return self.metrics_for({q.qid: [s for _, _, s in q.candidates] for q in self.queries})
 
     def rerank_scores(self, model: Any) -> dict[str, list[float]]:
         """The model's score for every candidate of every dev query, in candidate order."""
@@ -68,12 +66,9 @@ class DevRerankEvaluator(BaseEvaluator):
         return out
 
     def metrics_for(self, scores: dict[str, list[float]]) -> dict[str, float]:
-        run = {}
-        for q in self.queries:
-            # Stable sort (ties keep first-stage order), then strictly decreasing scores for trec_eval.
-            order = sorted(range(len(q.candidates)), key=lambda i: -scores[q.qid][i])
-            run[q.qid] = order_scores([(q.candidates[i][0], scores[q.qid][i]) for i in order])[0]
-        return aggregate(evaluate(self.qrels, run, self.qids, METRICS))
+        """Dev metrics with each query's candidates ranked by `scores` (ties keep first-stage order)."""
+        lists = {q.qid: ([d for d, _, _ in q.candidates], scores[q.qid]) for q in self.queries}
+        return evaluate_scored(self.qrels, lists, METRICS)
 
     def __call__(
         self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1
@@ -81,10 +76,10 @@ class DevRerankEvaluator(BaseEvaluator):
         was_training = model.training
         model.eval()
         try:
-            self.last_scores = self.rerank_scores(model)
+            scores = self.rerank_scores(model)
         finally:
             model.train(was_training)
-        metrics = self.metrics_for(self.last_scores)
+        metrics = self.metrics_for(scores)
         self.history.append({"epoch": epoch, "steps": steps, **metrics})
         metrics = self.prefix_name_to_metrics(metrics, self.name)
         self.store_metrics_in_model_card_data(model, metrics, epoch, steps)

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.eval import datasets as beir
-from sidecar.eval.metrics import aggregate, evaluate, order_scores
+from sidecar.eval.metrics import evaluate_scored
 from sidecar.fusion import FUSION_FILE, NO_FUSION, FusionMethod, FusionSpec, Normalization, fuse
+from sidecar.training.evaluation import METRICS
 from sidecar.training.finetune import read_dev_qids
 
 ALPHAS = tuple(round(i * 0.05, 2) for i in range(21))
-METRICS = ("ndcg@10", "mrr@10", "map@100")
 
 
 class FusionTuningError(Exception):
@@ -53,19 +53,15 @@ def candidate_specs(rrf_k: int = 60) -> list[FusionSpec]:
 def evaluate_spec(
     spec: FusionSpec, per_query: dict[str, Candidates], qrels: dict[str, dict[str, int]]
 ) -> dict[str, float]:
-    run = {}
-    for qid, c in per_query.items():
-        fused = fuse(spec, c.rerank, c.first_stage)
-        order = sorted(range(len(fused)), key=lambda i: -fused[i])  # stable: ties keep first-stage order
-        run[qid] = order_scores([(c.doc_ids[i], fused[i]) for i in order])[0]
-    return aggregate(evaluate(qrels, run, list(per_query), METRICS))
+    """Metrics of each query's candidates ranked by `spec`'s fused score, as the sidecar would rank them."""
+    fused = {q: (c.doc_ids, fuse(spec, c.rerank, c.first_stage)) for q, c in per_query.items()}
+    return evaluate_scored(qrels, fused, METRICS)
 
 
 def first_stage_metrics(
     per_query: dict[str, Candidates], qrels: dict[str, dict[str, int]]
 ) -> dict[str, float]:
-    run = {q: order_scores(list(zip(c.doc_ids, c.first_stage, strict=True)))[0] for q, c in per_query.items()}
-    return aggregate(evaluate(qrels, run, list(per_query), METRICS))
+    return evaluate_scored(qrels, {q: (c.doc_ids, c.first_stage) for q, c in per_query.items()}, METRICS)
 
 
 def choose(
