@@ -55,32 +55,81 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+# `health` exit codes: probes and scripts tell "wait" (NOT_SERVING) from "start one" (nothing answering).
+EXIT_NOT_SERVING = 1
+EXIT_UNREACHABLE = 3
+
+
+class UserError(Exception):
+    """An ordinary mistake (no server, wrong address): `main` prints the message as one line, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _no_server(target: str) -> str:
+    return (
+        f"no sidecar is answering at {target}: start one with `rerank-sidecar serve`, "
+        "or point --target at a running one"
+    )
+
+
+def _rpc_error(target: str, exc: Exception) -> UserError:
+    import grpc
+
+    call = exc if isinstance(exc, grpc.Call) else None
+    code = call.code() if call else None
+    details = (call.details() if call else str(exc)) or ""
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        return UserError(_no_server(target), EXIT_UNREACHABLE)
+    name = code.name if code else type(exc).__name__
+    return UserError(f"the sidecar at {target} answered {name}: {details}")
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
 
-    from sidecar.health import check
+    from sidecar.health import PROBE_NOT_SERVING, PROBE_SERVING, probe
 
     with grpc.insecure_channel(args.target) as channel:
-        ok = check(channel, args.service, timeout=args.timeout)
-    print("SERVING" if ok else "NOT_SERVING")
-    return 0 if ok else 1
+        answer, detail = probe(channel, args.service, timeout=args.timeout)
+    if answer == PROBE_SERVING:
+        print("SERVING")
+        return 0
+    if answer == PROBE_NOT_SERVING:
+        print(f"NOT_SERVING: the sidecar at {args.target} is up but not taking work (loading, warming up "
+              f"or draining; {detail})")  # fmt: skip
+        return EXIT_NOT_SERVING
+    print(f"UNREACHABLE: {_no_server(args.target)} ({detail})")
+    return EXIT_UNREACHABLE
 
 
 def _info(args: argparse.Namespace) -> int:
+    import grpc
     from google.protobuf.json_format import MessageToJson
 
     from sidecar.client import RerankerClient
 
     with RerankerClient(args.target) as client:
-        print(MessageToJson(client.info(), always_print_fields_with_no_presence=True))
+        try:
+            info = client.info()
+        except grpc.RpcError as exc:
+            raise _rpc_error(args.target, exc) from None
+        print(MessageToJson(info, always_print_fields_with_no_presence=True))
     return 0
 
 
 def _rerank(args: argparse.Namespace) -> int:
+    import grpc
+
     from sidecar.client import RerankerClient
 
     with RerankerClient(args.target) as client:
-        result = client.rerank(args.query, args.doc, top_n=args.top_n, timeout=args.timeout)
+        try:
+            result = client.rerank(args.query, args.doc, top_n=args.top_n, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(args.target, exc) from None
     t = result.timings
     print(
         f"model {result.model_id} ({result.model_revision}); queue {t.queue_seconds * 1000:.1f} ms, "
@@ -127,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "default": f"127.0.0.1:{os.environ.get('RERANK_GRPC_PORT', '50051')}",
         "help": "gRPC address of the sidecar (default 127.0.0.1:$RERANK_GRPC_PORT or :50051)",
     }
-    p = sub.add_parser("health", help="exit 0 if the sidecar reports SERVING (for probes and scripts)")
+    p = sub.add_parser(
+        "health",
+        help="exit 0 if the sidecar reports SERVING, 1 if it is up but NOT_SERVING (loading, draining), "
+        "3 if nothing answers at --target",
+    )
     p.add_argument("--target", **target)
     p.add_argument("--service", default="", help="health service name ('' = whole server)")
     p.add_argument("--timeout", type=float, default=2.0)
@@ -165,9 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("RERANK_LOG_LEVEL", "").upper() == "DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if _debug() or getattr(args, "log_level", None) == "DEBUG":
+            raise
+        print(f"rerank-sidecar {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -223,6 +223,10 @@ def ranks(scores: Sequence[float]) -> list[int]:
 
 
 # ---- configuration ----------------------------------------------------------------------------
+# Fusion weights shipped for the packaged all-MiniLM-L6-v2 (served when --model is unset).
+PACKAGED_FUSION_DIR = Path(__file__).resolve().parent / "data" / "all-minilm-l6-v2"
+
+
 def load_model_fusion(model_dir: str | Path) -> FusionSpec | None:
     """The `fusion.json` of a model directory (written by fusion tuning), or None when it has none.
 
@@ -256,6 +260,12 @@ def configured_default(settings: Settings, model_dir: Path | None) -> tuple[Fusi
             rrf_k=settings.fusion_rrf_k,
         )
         return configured, f"RERANK_FUSION={settings.fusion}"
+    if settings.model is None:
+        # The packaged model ships weights chosen on SciFact's train split (`tune-fusion`, 809 queries).
+        return load_model_fusion(PACKAGED_FUSION_DIR) or NO_FUSION, (
+            f"RERANK_FUSION=auto: the packaged model's {PACKAGED_FUSION_DIR / FUSION_FILE} "
+            "(chosen by tune-fusion on SciFact train queries)"
+        )
     if model_dir is None:
         return NO_FUSION, "RERANK_FUSION=auto and the model is not a local directory"
     from_file = load_model_fusion(model_dir)

@@ -13,6 +13,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# `--dtype auto` follows the CPU (bf16 on AMX / AVX512-BF16, float32 elsewhere), so a test that leaves it
+# to auto would check different numbers on different machines. Every settings object and every `serve`
+# process the tests start is float32 unless a test names another precision (tests/test_precision.py).
+os.environ["RERANK_DTYPE"] = "float32"
 
 from sidecar.scoring.base import Scorer
 from sidecar.settings import Settings
@@ -102,6 +106,10 @@ class ServerThread:
 
 def test_settings(**overrides: object) -> Settings:
     base: dict[str, object] = {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "max_wait_ms": 5.0}
+    if "model" not in overrides:
+        # Unset --model means the packaged model, whose shipped fusion weights `auto` would apply; the
+        # tests inject other scorers under these settings, so they rank by the model unless they ask.
+        base["fusion"] = "none"
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
 

@@ -172,12 +172,18 @@ def test_model_fusion_file(tmp_path: Path) -> None:
 def test_configured_default(tmp_path: Path) -> None:
     spec, _ = configured_default(test_settings(fusion="rrf", fusion_rrf_k=10), None)
     assert spec == FusionSpec(RRF, rrf_k=10)
-    assert configured_default(test_settings(), None)[0] == NO_FUSION  # auto, hub id
-    assert configured_default(test_settings(), tmp_path)[0] == NO_FUSION  # auto, no file
+    hub = test_settings(model="owner/some-reranker")
+    assert configured_default(hub, None)[0] == NO_FUSION  # auto, hub id
+    local = test_settings(model=str(tmp_path))
+    assert configured_default(local, tmp_path)[0] == NO_FUSION  # auto, no file
     (tmp_path / "fusion.json").write_text('{"method": "rrf", "rrf_k": 20}')
-    assert configured_default(test_settings(), tmp_path)[0] == FusionSpec(RRF, rrf_k=20)
+    assert configured_default(local, tmp_path)[0] == FusionSpec(RRF, rrf_k=20)
     # An explicit setting wins over the file.
-    assert configured_default(test_settings(fusion="none"), tmp_path)[0] == NO_FUSION
+    assert configured_default(test_settings(model=str(tmp_path), fusion="none"), tmp_path)[0] == NO_FUSION
+    # The packaged model (no --model) ships its weights, chosen on SciFact train queries.
+    packaged, source = configured_default(test_settings(fusion="auto"), None)
+    assert packaged == FusionSpec(FusionMethod.BLEND, alpha=0.7, normalization=Normalization.MINMAX)
+    assert "SciFact train" in source
 
 
 # ---- through a real server ----------------------------------------------------------------------

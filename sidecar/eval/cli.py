@@ -194,16 +194,9 @@ def _console(stderr: bool = False) -> Any:
 
 
 def _progress(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from sidecar.progress import progress_display
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
+    return progress_display(console)
 
 
 def _load_dataset(args: argparse.Namespace, progress: Any) -> Any:
@@ -384,6 +377,12 @@ def _build_reranker(
         from sidecar.launch import SidecarProcess
 
         serve = (["--model", args.model] if args.model else []) + shlex.split(args.serve_args)
+        if not any(a.startswith("--embedding-cache-dir") for a in serve):
+            # Document embeddings persist in the evaluator's cache, keyed by the model's content hash: a
+            # second replay of the same corpus embeds nothing again (cross-encoders ignore the flag).
+            from sidecar.eval.cache import cache_dir
+
+            serve += ["--embedding-cache-dir", str(cache_dir() / "embeddings")]
         log = out_dir / "sidecar.log"
         progress.console.print(
             f"starting a local sidecar ({' '.join(serve) or 'its default model'}); log: {log}"

@@ -131,6 +131,8 @@ class Comparison:
     t_statistic: float | None
     t_p_value: float | None
     randomization_p_value: float
+    # 95% confidence interval of the mean difference (Student t over the per-query differences).
+    ci95: tuple[float, float] | None = None
 
     @property
     def delta(self) -> float:
@@ -161,7 +163,24 @@ def compare(
         t_statistic=t,
         t_p_value=p,
         randomization_p_value=randomization_test(xa, xb, trials=trials, seed=seed),
+        ci95=mean_difference_ci(d),
     )
+
+
+def mean_difference_ci(d: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    """Confidence interval of the mean of paired differences: mean ± t(level, n−1) · sd / √n (sd with n−1).
+
+    None when undefined (n < 2) or without scipy; a zero-variance sample gives the point (mean, mean)."""
+    n = len(d)
+    if n < 2:
+        return None
+    try:
+        from scipy import stats
+    except ImportError:
+        return None
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(np.std(d, ddof=1)) / float(np.sqrt(n))
+    mean = float(d.mean())
+    return mean - half, mean + half
 
 
 def paired_t_test(

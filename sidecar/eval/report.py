@@ -137,9 +137,11 @@ def build_result(
             "fallback_hits": sum(r.rerank.fallback_hits for r in ok if r.rerank),
             "fallback_reasons": sorted({x for r in ok if r.rerank for x in r.rerank.fallback_reasons}),
             "truncated_hits": sum(r.rerank.truncated_hits for r in ok if r.rerank),
+            "reranked_hits": sum(len(r.candidates) for r in ok),
             "scores_nudged_for_strict_order": nudged,
         }
     out["latency"] = latency
+    out["verdict"] = verdict(out)
     wall = result.wall_seconds
     out["throughput"] = {
         "wall_seconds": _round(wall, 3),
@@ -172,8 +174,43 @@ def _comparisons(
             "t_statistic": _round(c.t_statistic),
             "t_test_p": _round(c.t_p_value),
             "randomization_p": _round(c.randomization_p_value),
+            "ci95": [_round(x) for x in c.ci95] if c.ci95 else None,
         }
     return out
+
+
+SIGNIFICANCE = 0.05
+
+
+def verdict(summary: Mapping[str, Any], metric: str = HEADLINE) -> str:
+    """One line that answers "did reranking help here?": the change of the headline metric with its 95%
+    confidence interval and paired t p-value, called significant at p < 0.05, and the model alone beside it
+    when the sidecar fused scores."""
+    ds = summary["dataset"]
+    fs = summary["metrics"]["first_stage"].get(metric)
+    if "reranked" not in summary["metrics"] or fs is None:
+        return (
+            f"Verdict: first stage only ({ds['queries']} queries): {metric} {_fmt(fs)}; nothing was reranked."
+        )
+    c = summary["comparison"][metric]
+    p, delta = c.get("t_test_p"), c["delta"]
+    ci = c.get("ci95")
+    ci_text = f"95% CI {ci[0]:+.4f} to {ci[1]:+.4f}, " if ci else ""
+    if p is not None and p < SIGNIFICANCE:
+        call = "a significant gain" if delta > 0 else "a significant loss"
+    else:
+        call = "no significant change"
+    fusion = summary.get("fusion")
+    how = f"reranking fused with the first stage ({fusion['applied_name']})" if fusion else "reranking"
+    line = (
+        f"Verdict: {how} moved {metric} from {fs:.4f} to {c['reranked']:.4f} ({delta:+.4f}, {ci_text}"
+        f"paired t p {_p(p)}; {c['wins']} queries better, {c['losses']} worse): {call} "
+        f"over {ds['queries']} {ds['name']} {ds['split']} queries."
+    )
+    if fusion:
+        alone = summary["metrics"]["reranked_no_fusion"][metric]
+        line += f" The model alone, without fusion: {alone:.4f} ({alone - fs:+.4f})."
+    return line
 
 
 def _fusion_name(spec: Mapping[str, Any]) -> str:
@@ -253,39 +290,61 @@ def _figure(width: float, height: float) -> Any:
 
 
 def plot_latency(path: Path, result: ReplayResult) -> None:
-    """Empirical CDF of each stage's latency on a log axis, with p50 / p95 / p99 in the legend."""
+    """One row per stage on a shared log axis: the range of its latencies (a thin line from min to max), a
+    box from p50 to p95, and marks at p50, p95 and p99 with their values written beside the row.
+
+    Rows instead of overlaid curves: the rerank call, the sidecar's own time and the end-to-end time are
+    often within a few percent of each other, and overlaid CDFs then hide one another.
+    """
     import numpy as np
 
     records = list(result.records.values())
     stages = [("first stage", [r.first_stage_seconds for r in records])]
     if result.reranked:
         stages.append(
-            ("rerank call", [r.rerank_seconds for r in records if r.rerank is not None and r.rerank_seconds])
+            ("rerank call (client)", [r.rerank_seconds for r in records if r.rerank and r.rerank_seconds])
         )
-        server = [
-            r.rerank.server_total_seconds for r in records if r.rerank and r.rerank.server_total_seconds
-        ]
-        if server:
-            stages.append(("sidecar (server-side)", server))
+        for label, attr in (
+            ("sidecar queue", "server_queue_seconds"),
+            ("sidecar inference", "server_inference_seconds"),
+            ("sidecar total", "server_total_seconds"),
+        ):
+            values = [getattr(r.rerank, attr) for r in records if r.rerank and getattr(r.rerank, attr)]
+            if values:
+                stages.append((label, values))
     stages.append(("end to end", [r.e2e_seconds for r in records]))
-    fig = _figure(8, 4.5)
-    ax = fig.add_subplot()
+    rows = []
     for label, values in stages:
-        x = np.sort(np.asarray([v for v in values if v and v > 0], dtype=float) * 1000.0)
-        if len(x) == 0:
-            continue
-        y = np.arange(1, len(x) + 1) / len(x)
+        x = np.asarray([v for v in values if v and v > 0], dtype=float) * 1000.0
+        if len(x):
+            rows.append((label, x))
+    fig = _figure(9, 0.9 + 0.55 * max(1, len(rows)))
+    ax = fig.add_subplot()
+    for i, (_, x) in enumerate(reversed(rows)):
         p50, p95, p99 = np.percentile(x, [50, 95, 99])
-        ax.step(x, y, where="post", label=f"{label}: p50 {p50:.1f} / p95 {p95:.1f} / p99 {p99:.1f} ms")
+        ax.hlines(i, x.min(), x.max(), color="#888888", linewidth=1)
+        ax.barh(i, p95 - p50, left=p50, height=0.45, color="#4c72b0", alpha=0.35)
+        ax.plot([p50], [i], "o", color="#1f3b73", markersize=6)
+        ax.plot([p95], [i], "s", color="#c0392b", markersize=5)
+        ax.plot([p99], [i], "^", color="#7d3c98", markersize=6)
+        ax.annotate(
+            f"p50 {p50:.1f}  p95 {p95:.1f}  p99 {p99:.1f} ms",
+            (x.max(), i),
+            xytext=(6, -3),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     ax.set_xscale("log")
-    ax.set_xlabel("latency (ms, log scale)")
-    ax.set_ylabel("fraction of queries")
-    ax.set_ylim(0, 1.01)
-    ax.grid(True, which="both", alpha=0.3)
+    lo = min(float(x.min()) for _, x in rows) if rows else 1.0
+    hi = max(float(x.max()) for _, x in rows) if rows else 10.0
+    ax.set_xlim(lo / 1.5, hi * 12)  # room on the right for the values
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel("latency (ms, log scale): line = min..max, box = p50..p95; ● p50  ■ p95  ▲ p99")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
     cfg = result.config
     load = f"{cfg.qps:g} qps offered" if cfg.qps else f"concurrency {cfg.concurrency}"
-    ax.set_title(f"Latency per stage ({len(records)} queries, {load})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Latency per stage ({len(records)} queries, {load})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -329,6 +388,12 @@ def _describe(d: Mapping[str, Any] | None, keys: Sequence[str]) -> str:
     return ", ".join(f"{k} {d[k]}" for k in keys if d.get(k) not in (None, ""))
 
 
+def _share(part: int, whole: int | None) -> str:
+    if not whole:
+        return str(part)
+    return f"{part} of {whole} reranked hits ({100 * part / whole:.1f}%)"
+
+
 def _p(x: float | None) -> str:
     return "—" if x is None else ("< 0.0001" if x < 1e-4 else f"{x:.4f}")
 
@@ -357,6 +422,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     fs, rr = summary["first_stage"], summary.get("rerank")
     lines = [
         f"# Replay: {ds['name']} ({ds['split']}, {ds['queries']} queries, {ds['documents']} documents)",
+        "",
+        f"**{summary.get('verdict') or verdict(summary)}**",
         "",
         f"- first stage: {_describe(fs, _FS_KEYS)}",
         f"- rerank: {_describe(rr, _RR_KEYS)}",
@@ -411,7 +478,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
             f"- rerank calls that failed (query kept its first-stage order): {errors['rerank_errors']}",
             f"- hits the sidecar returned in fallback order: {errors['fallback_hits']}"
             + (f" ({', '.join(errors['fallback_reasons'])})" if errors["fallback_reasons"] else ""),
-            f"- hits truncated to the model's length: {errors['truncated_hits']}",
+            "- hits truncated to the model's length: "
+            + _share(errors["truncated_hits"], errors.get("reranked_hits")),
             "",
         ]
         for q, e in errors["examples"].items():
@@ -482,6 +550,7 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     fs_label = summary["first_stage"].get("kind", "first stage")
     fusion = summary.get("fusion")
     console.print(f"[bold]{title}[/]", highlight=False)
+    console.print(f"[bold]{summary.get('verdict') or verdict(summary)}[/]", highlight=False)
     if reranked:
         console.print(
             f"reranker: {rr.get('model_id') or '?'} ({rr.get('backend') or rr.get('api', '')}) via "
@@ -548,3 +617,9 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
         )
     if errors.get("fallback_hits"):
         console.print(f"[yellow]{errors['fallback_hits']} hits came back in fallback order[/]")
+    if errors.get("truncated_hits"):
+        console.print(
+            f"hits truncated to the model's length: "
+            f"{_share(errors['truncated_hits'], errors.get('reranked_hits'))}",
+            highlight=False,
+        )

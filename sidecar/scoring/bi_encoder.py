@@ -3,7 +3,8 @@ embedding model (the packaged all-MiniLM-L6-v2 by default).
 
 Each distinct query in a batch is embedded once, so a 100-document request costs one query forward.
 Document embeddings do not depend on the query, so the most recent `embedding_cache_size` of them are
-kept (keyed by text, per loaded model): a document seen before costs no forward pass at all.
+kept (keyed by text, per loaded model): a document seen before costs no forward pass at all. With
+`embedding_cache_dir` they also persist on disk (`embedding_store`), across restarts and replays.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
         self._cache_size = settings.embedding_cache_size
         self._cache_lock = threading.Lock()  # measure() peeks from the tokenize threads
         self.info = self._model_info(self.max_length)
+        self._store = None
+        if settings.embedding_cache_dir:
+            from sidecar.scoring.embedding_store import EmbeddingStore
+
+            self._store = EmbeddingStore(
+                settings.embedding_cache_dir, source.revision, self.dtype_name, self.max_length
+            )
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
         lengths = self._token_lengths([p.document for p in pairs])
@@ -56,21 +64,31 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
     def _documents(self, texts: list[str]):  # type: ignore[no-untyped-def]
         import torch
 
-        if self._cache_size <= 0:
+        if self._cache_size <= 0 and self._store is None:
             return self._embed(texts)
         with self._cache_lock:
             known = {t: self._cache[t] for t in texts if t in self._cache}
             for t in known:
                 self._cache.move_to_end(t)
+        from_memory = set(known)
         missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing and self._store is not None:
+            stored = self._store.get_many(missing)
+            for t, v in stored.items():
+                known[t] = torch.from_numpy(v.copy()).to(self._device)
+            missing = [t for t in missing if t not in stored]
         if missing:
             fresh = self._embed(missing)
-            with self._cache_lock:
-                for t, e in zip(missing, fresh, strict=True):
-                    known[t] = e
+            if self._store is not None:
+                self._store.put_many(missing, fresh.cpu().numpy())
+            for t, e in zip(missing, fresh, strict=True):
+                known[t] = e
+        with self._cache_lock:
+            for t, e in known.items():
+                if t not in from_memory and self._cache_size > 0:
                     self._cache[t] = e
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return torch.stack([known[t] for t in texts])
 
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:

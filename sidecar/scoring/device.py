@@ -37,7 +37,21 @@ class Placement:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
 
 
-def resolve(device: str, dtype: str, attention: str) -> Placement:
+def auto_dtype(on_cuda: bool, quantize: str = "none", cuda_bf16: bool = False) -> str:
+    """What `--dtype auto` means: the fastest precision this hardware computes natively.
+
+    bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with AMX / AVX512-BF16; float32 elsewhere.
+    `--quantize int8` keeps float32 activations (dynamic int8 needs them), so with it 'auto' is float32
+    on every CPU: the documented int8 command works whatever the CPU offers.
+    """
+    if on_cuda:
+        return "bfloat16" if cuda_bf16 else "float16"
+    if quantize != "none":
+        return "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def resolve(device: str, dtype: str, attention: str, quantize: str = "none") -> Placement:
     import torch
 
     if device == "auto":
@@ -46,10 +60,7 @@ def resolve(device: str, dtype: str, attention: str) -> Placement:
         raise ValueError(f"--device {device} asked for, but PyTorch sees no CUDA device; use --device cpu")
     on_cuda = device.startswith("cuda")
     if dtype == "auto":
-        if on_cuda:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+        dtype = auto_dtype(on_cuda, quantize, on_cuda and torch.cuda.is_bf16_supported())
     if dtype == "bfloat16" and not on_cuda and not cpu_has_native_bf16():
         log.warning("bfloat16 on a CPU without AMX/AVX512-BF16 is emulated and much slower than float32")
     has_flash = importlib.util.find_spec("flash_attn") is not None

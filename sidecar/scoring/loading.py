@@ -98,19 +98,66 @@ class ModelLoadError(RuntimeError):
     """The model cannot be loaded; the message says what to do."""
 
 
+_HUB_PROBE_SECONDS = 5.0
+
+
+def _unreachable(model: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"--model {model!r} is not a local directory, and the Hugging Face hub cannot be reached (or "
+        "HF_HUB_OFFLINE is set): download the model where the hub is reachable (e.g. `hf download ID "
+        "--local-dir DIR`) and pass --model DIR"
+    )
+
+
+def check_hub_id(source: ModelSource) -> None:
+    """Fail within seconds, with a clear message, for a hub id that cannot load.
+
+    Without this, a typo (`--model my-reranker`) or an offline machine sends the loaders into their retry
+    loops for minutes before any error. A model already in the local Hugging Face cache passes untouched
+    (it loads offline); otherwise the hub is asked once, with a short timeout and no retries.
+    """
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    model = source.path_or_id
+    try:
+        cached = try_to_load_from_cache(model, "config.json", revision=source.revision)
+    except HFValidationError:
+        raise ModelLoadError(
+            f"--model {model!r} is neither a local directory nor a valid hub id (OWNER/NAME)"
+        ) from None
+    if isinstance(cached, str):
+        return
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise _unreachable(model)
+    try:
+        model_info(model, revision=source.revision, timeout=_HUB_PROBE_SECONDS)
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"--model {model!r}: the hub has no revision {source.revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"--model {model!r} is not a local directory and the hub has no such model (or it is private: "
+            "log in with `hf auth login`); check the spelling, or pass the path of a model directory"
+        ) from None
+    except Exception as exc:
+        if type(exc).__name__ in ("HfHubHTTPError", "HTTPStatusError") and "401" not in str(exc):
+            raise ModelLoadError(f"--model {model!r}: the hub refused it ({exc})") from None
+        raise _unreachable(model) from None
+
+
 def load_scorer(settings: Settings) -> Scorer:
     source = resolve_source(settings.model, settings.revision)
+    if not source.local:
+        check_hub_id(source)
     try:
         return _load(source, settings)
     except ModelLoadError:
         raise
     except Exception as exc:
         if not source.local and _is_hub_unreachable(exc):
-            raise ModelLoadError(
-                f"--model {source.path_or_id!r} is not a local directory, and the Hugging Face hub cannot be "
-                "reached (or HF_HUB_OFFLINE is set): download the model where the hub is reachable "
-                "(e.g. `hf download ID --local-dir DIR`) and pass --model DIR"
-            ) from exc
+            raise _unreachable(source.path_or_id) from exc
         raise
 
 
@@ -131,7 +178,7 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
 
 def _load(source: ModelSource, settings: Settings) -> Scorer:
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
-    placement = resolve(settings.device, settings.dtype, settings.attention)
+    placement = resolve(settings.device, settings.dtype, settings.attention, settings.quantize)
     log.info(
         "loading %s as %s on %s (%s, %s)",
         source.model_id,

@@ -146,8 +146,8 @@ def finetune_command(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from sidecar.eval.cli import _progress
     from sidecar.eval.datasets import DatasetError
+    from sidecar.progress import progress_display
     from sidecar.training.finetune import FinetuneConfig, finetune
     from sidecar.training.mining import MiningConfig
 
@@ -184,7 +184,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     except (ValueError, DatasetError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
-    with _progress(console) as progress:
+    with progress_display(console) as progress:
         report = finetune(
             config, progress=progress, on_status=lambda m: console.print(f"[bold]finetune:[/] {m}")
         )

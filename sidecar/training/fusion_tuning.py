@@ -126,7 +126,7 @@ def tune_fusion(
     from rich.console import Console
 
     from sidecar.eval.bm25 import LuceneBm25
-    from sidecar.eval.cli import _progress
+    from sidecar.progress import progress_display
 
     console = console or Console(stderr=True)
     if depth < 2:
@@ -138,7 +138,7 @@ def tune_fusion(
         f"[bold]tune-fusion:[/] {len(qids)} queries from {label} of {dataset.name}, BM25 top-{depth}"
     )
 
-    with _progress(console) as progress:
+    with progress_display(console) as progress:
         bm25 = LuceneBm25(dataset, cache_root=cache_root, progress=progress)
         try:
             hits = {q: bm25.search(dataset.queries[q], depth) for q in qids}

@@ -1,0 +1,100 @@
+"""What a precision costs in score agreement: one scorer per precision on the same SciFact BM25 pairs.
+
+    python scripts/precision_agreement.py [--queries 50] [--depth 100] [--model DIR] [--dtype bfloat16]
+
+Scores the first N SciFact test queries' BM25 top-k with float32 (the reference) and each `--dtype`, then
+prints max and median |score diff|, how many queries keep the float32 top-10 order and set, nDCG@10 of both
+and the pairs/s of each, with the CPU's bf16 flags. The README's precision table comes from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--depth", type=int, default=100)
+    p.add_argument("--model", default=None, help="model (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--dtype", action="append", default=None, help="precision(s) to compare with float32")
+    p.add_argument("--dataset-dir", default=None)
+    args = p.parse_args()
+
+    from sidecar.eval import datasets
+    from sidecar.eval.bm25 import LuceneBm25
+    from sidecar.eval.metrics import evaluate_scored
+    from sidecar.scoring.base import Pair
+    from sidecar.scoring.device import cpu_has_native_bf16
+    from sidecar.scoring.loading import load_scorer
+    from sidecar.settings import Settings
+
+    path, name = datasets.resolve(args.dataset_dir, None, download_ok=False)
+    data = datasets.load(path, split="test", name=name)
+    bm25 = LuceneBm25(data)
+    qids = data.query_ids(args.queries)
+    lists = {q: [h.doc_id for h in bm25.search(data.queries[q], args.depth)] for q in qids}
+    pairs = [Pair(data.queries[q], data.corpus[d].joined()) for q in qids for d in lists[q]]
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpuinfo]
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "?"
+    )
+    print(
+        f"CPU: {model} ({platform.machine()}), flags {' '.join(flags)}; "
+        f"native bf16: {cpu_has_native_bf16()}; {len(qids)} queries, {len(pairs)} pairs"
+    )
+
+    def run(dtype: str) -> tuple[np.ndarray, float]:
+        scorer = load_scorer(Settings(**{"model": args.model, "dtype": dtype}))
+        scorer.score(pairs[:8])  # warm-up
+        if hasattr(scorer, "_cache"):
+            scorer._cache.clear()  # the bi-encoder's document cache would make the timing meaningless
+        t0 = time.perf_counter()
+        out = np.concatenate([scorer.score(pairs[i : i + 32]) for i in range(0, len(pairs), 32)])
+        return out, len(pairs) / (time.perf_counter() - t0)
+
+    def split(scores: np.ndarray) -> dict[str, tuple[list[str], list[float]]]:
+        out, i = {}, 0
+        for q in qids:
+            n = len(lists[q])
+            out[q] = (lists[q], [float(s) for s in scores[i : i + n]])
+            i += n
+        return out
+
+    ref, ref_speed = run("float32")
+    ref_q = split(ref)
+    ref_ndcg = evaluate_scored(data.qrels, ref_q, ["ndcg@10"])["ndcg@10"]
+    print(
+        "| precision | max abs diff | median abs diff | top-10 order kept | top-10 set kept | nDCG@10 "
+        "| pairs/s |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+        f"| float32 (reference) | 0 | 0 | {len(qids)}/{len(qids)} | {len(qids)}/{len(qids)} "
+        f"| {ref_ndcg:.4f} | {ref_speed:.1f} |"
+    )
+    for dtype in args.dtype or ["bfloat16"]:
+        got, speed = run(dtype)
+        diff = np.abs(got - ref)
+        got_q = split(got)
+        order = same_set = 0
+        for q in qids:
+            top = [d for _, d in sorted(zip([-s for s in ref_q[q][1]], lists[q], strict=True))][:10]
+            mine = [d for _, d in sorted(zip([-s for s in got_q[q][1]], lists[q], strict=True))][:10]
+            order += top == mine
+            same_set += set(top) == set(mine)
+        ndcg = evaluate_scored(data.qrels, got_q, ["ndcg@10"])["ndcg@10"]
+        n = len(qids)
+        print(
+            f"| {dtype} | {diff.max():.2e} | {np.median(diff):.2e} | {order}/{n} | {same_set}/{n} "
+            f"| {ndcg:.4f} | {speed:.1f} ({speed / ref_speed:.2f}x) |"
+        )
+    bm25.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
