@@ -190,26 +190,41 @@ def test_concurrent_clients_share_batches_with_solo_scores(server_factory, bert_
         np.testing.assert_allclose(got, alone, atol=1e-5)
 
 
-def test_metrics_by_stage_are_exposed(server_factory, bert_scorer: Scorer) -> None:
+def _scrape(port: int) -> dict[str, float]:
+    """Every sample of /metrics as {name{labels}: value} (the exposition format parsed, not grepped)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def test_metrics_by_stage_count_real_traffic(server_factory, bert_scorer: Scorer) -> None:
     srv = server_factory(scorer=bert_scorer)
+    port = srv.server.metrics_port
+    before = _scrape(port)  # after the warm-up batch: the deltas below are this test's traffic alone
     with RerankerClient(srv.target) as client:
         client.rerank("q", documents(4))
+        client.rerank("another q", documents(3))
         with pytest.raises(grpc.RpcError):
             client.rerank("", documents(1))
-    body = (
-        urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
-    )
-    for name in (
-        "reranker_queue_seconds_bucket",
-        "reranker_inference_seconds_bucket",
-        "reranker_batch_tokens_bucket",
-        "reranker_batch_pairs_bucket",
-        "reranker_queue_pairs",
-        "reranker_tokenize_seconds_bucket",
-    ):
-        assert name in body, name
-    assert 'reranker_requests_total{api="grpc",outcome="ok"} 1.0' in body
-    assert 'reranker_requests_total{api="grpc",outcome="invalid_argument"} 1.0' in body
-    assert "reranker_ready 1.0" in body
+    after = _scrape(port)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('reranker_requests_total{api="grpc",outcome="ok"}') == 2
+    assert delta('reranker_requests_total{api="grpc",outcome="invalid_argument"}') == 1
+    assert delta("reranker_pairs_scored_total") == 7  # the refused request reached no model
+    assert delta("reranker_batch_pairs_sum") == 7
+    assert delta("reranker_batch_pairs_count") == delta("reranker_inference_seconds_count") >= 1
+    assert delta("reranker_inference_seconds_sum") > 0
+    assert delta("reranker_batch_tokens_sum") >= delta("reranker_batch_real_tokens_sum") > 7
+    assert delta("reranker_queue_seconds_count") >= 2
+    assert delta("reranker_tokenize_seconds_count") >= 2
+    assert after["reranker_queue_pairs"] == 0  # nothing left waiting
+    assert after["reranker_ready"] == 1.0

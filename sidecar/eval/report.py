@@ -550,7 +550,8 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     fs_label = summary["first_stage"].get("kind", "first stage")
     fusion = summary.get("fusion")
     console.print(f"[bold]{title}[/]", highlight=False)
-    console.print(f"[bold]{summary.get('verdict') or verdict(summary)}[/]", highlight=False)
+    # One line whatever the terminal's width: scripts and CI logs grep for it.
+    console.print(f"[bold]{summary.get('verdict') or verdict(summary)}[/]", highlight=False, soft_wrap=True)
     if reranked:
         console.print(
             f"reranker: {rr.get('model_id') or '?'} ({rr.get('backend') or rr.get('api', '')}) via "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shlex
 
-import pytest
 from deploy_support import (
     DEPLOY,
     DOCKERFILES,
@@ -89,7 +88,8 @@ def test_names_match_the_manifests() -> None:
 
 
 def test_pipeline_names_match_the_installer() -> None:
-    templates = pytest.importorskip("sidecar.opensearch.templates")
+    from sidecar.opensearch import templates
+
     cfg = templates.PluginConfig()
     for kind in templates.KINDS:
         assert templates.pipeline_name(cfg, kind) in DOC

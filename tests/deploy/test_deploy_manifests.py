@@ -403,8 +403,7 @@ def test_container_arguments_parse_with_the_real_cli(variant: str, docs: list[di
         c = reranker(pod_spec(doc))
         assert c is not None
         assert _parse(parser, c["args"]).command == "serve"
-    if _subcommand(parser, "opensearch", "install") is None:
-        pytest.skip("`rerank-sidecar opensearch install` is not in the CLI yet")
+    assert _subcommand(parser, "opensearch", "install") is not None, "the installer Job needs this command"
     job = pod_spec(find(docs, "Job", "rerank-installer"))["containers"][0]
     parsed = _parse(parser, job["args"])
     assert parsed.verify_certs is False

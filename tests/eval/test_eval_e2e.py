@@ -1,10 +1,13 @@
-"""The one-command replay end to end: the CLI starts a real sidecar process (packaged model), replays a
-SciFact slice through BM25 and the sidecar, and writes everything; plus HTTP against a real server."""
+"""`make demo`'s code path on a slice: `rerank-sidecar replay` with its defaults (BM25 -> a local sidecar
+process serving the packaged model with its shipped fusion weights) as a subprocess whose output is not a
+terminal, as in CI; plus HTTP against a real server."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,6 @@ import pytest
 
 from sidecar.eval import metrics as m
 from sidecar.eval import report
-from sidecar.eval.__main__ import main
 from sidecar.eval.datasets import Dataset
 from sidecar.scoring.base import Scorer
 from tests.conftest import ServerThread, test_settings
@@ -21,47 +23,37 @@ from tests.conftest import ServerThread, test_settings
 pytestmark = pytest.mark.slow
 
 QUERIES, DEPTH, HITS = 20, 10, 100
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def replayed(
     scifact_dir: Path, eval_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Path, int]]:
+) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]]:
     out = tmp_path_factory.mktemp("replay") / "scifact-slice"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RERANK_CACHE_DIR", str(eval_cache))  # --cache-dir sets it for the process; restored after
-        rc = main(
-            [
-                "replay",
-                "--dataset-dir",
-                str(scifact_dir),
-                "--cache-dir",
-                str(eval_cache),
-                "--max-queries",
-                str(QUERIES),
-                "--depth",
-                str(DEPTH),
-                "--hits",
-                str(HITS),
-                "--warmup",
-                "1",
-                "--concurrency",
-                "2",
-                "--output",
-                str(out),
-            ]
-        )
-    yield out, rc
+    argv = ["replay", "--dataset-dir", str(scifact_dir), "--cache-dir", str(eval_cache)]
+    argv += ["--max-queries", str(QUERIES), "--depth", str(DEPTH), "--hits", str(HITS)]
+    argv += ["--warmup", "1", "--concurrency", "2", "--output", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    yield out, done
 
 
 def test_one_command_replay_writes_everything(
-    replayed: tuple[Path, int], capsys: pytest.CaptureFixture[str]
+    replayed: tuple[Path, subprocess.CompletedProcess[str]],
 ) -> None:
-    out, rc = replayed
-    assert rc == 0
+    out, done = replayed
+    assert done.returncode == 0, done.stderr[-3000:]
     for name in (
         report.RUN_FIRST_STAGE,
         report.RUN_RERANKED,
+        report.RUN_RERANKED_NO_FUSION,
         report.RESULT_JSON,
         report.REPORT_MD,
         report.LATENCY_PNG,
@@ -77,11 +69,47 @@ def test_one_command_replay_writes_everything(
     assert result["throughput"]["pairs"] == QUERIES * DEPTH
     for stage in ("first_stage", "rerank", "server_queue", "server_inference", "end_to_end"):
         assert result["latency"][stage]["count"] == QUERIES, stage
+    # The packaged model's shipped fusion applied by default, and the model alone is reported beside it.
+    assert result["fusion"]["applied"] == {"method": "blend", "alpha": 0.7, "normalization": "minmax"}
+    assert result["fusion"]["requested"] == "server default"
+    assert "reranked_no_fusion" in result["metrics"]
     md = (out / report.REPORT_MD).read_text()
     assert f"{result['metrics']['reranked']['ndcg@10']:.4f}" in md
 
 
-def test_reranked_metrics_come_from_the_reranked_order(replayed: tuple[Path, int], scifact: Dataset) -> None:
+def test_the_report_opens_with_a_verdict(replayed: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, done = replayed
+    result = json.loads((out / report.RESULT_JSON).read_text())
+    c = result["comparison"]["ndcg@10"]
+    assert result["verdict"].startswith("Verdict: reranking fused with the first stage (blend(alpha=0.7")
+    assert (
+        f"from {c['first_stage']:.4f} to {c['reranked']:.4f} ({c['delta']:+.4f}, 95% CI" in result["verdict"]
+    )
+    assert ("a significant" in result["verdict"]) == (c["t_test_p"] < 0.05)
+    stdout = done.stdout.splitlines()
+    assert stdout[1] == result["verdict"]  # right under the title line
+    assert (out / report.REPORT_MD).read_text().splitlines()[2] == f"**{result['verdict']}**"
+
+
+def test_progress_is_logged_when_output_is_not_a_terminal(
+    replayed: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    _, done = replayed
+    lines = done.stderr.splitlines()
+    assert f"replaying {QUERIES} queries ({QUERIES}) ..." in lines
+    assert any(line.startswith(f"replaying {QUERIES} queries: done, {QUERIES} in ") for line in lines)
+
+
+def test_document_embeddings_persist_in_the_cache(
+    replayed: tuple[Path, subprocess.CompletedProcess[str]], eval_cache: Path
+) -> None:
+    stores = list((eval_cache / "embeddings").glob("*.sqlite"))
+    assert len(stores) == 1 and stores[0].stat().st_size > 0
+
+
+def test_reranked_metrics_come_from_the_reranked_order(
+    replayed: tuple[Path, subprocess.CompletedProcess[str]], scifact: Dataset
+) -> None:
     out, _ = replayed
     result = json.loads((out / report.RESULT_JSON).read_text())
     first = report.read_trec_run(out / report.RUN_FIRST_STAGE)
@@ -105,29 +133,42 @@ def test_reranked_metrics_come_from_the_reranked_order(replayed: tuple[Path, int
         assert result["metrics"][stage] == pytest.approx(again, abs=1e-6)
 
 
-def test_reranked_order_matches_the_reference_model(replayed: tuple[Path, int], scifact: Dataset) -> None:
-    """Independent check of the sidecar's order: sentence-transformers' cosine scores of the same pairs must
-    not increase along the reranked head (beyond float noise)."""
+def test_reranked_order_matches_the_reference_model(
+    replayed: tuple[Path, subprocess.CompletedProcess[str]], scifact: Dataset
+) -> None:
+    """Independent check of the sidecar's order: sentence-transformers' cosines of the same pairs order the
+    model-only run, and the blend written out here (alpha 0.7 of min-max cosine, 0.3 of min-max BM25) gives
+    the fused run's scores."""
     from sentence_transformers import SentenceTransformer
 
     from sidecar.eval.dense import packaged_model_dir
 
     out, _ = replayed
-    reranked = report.read_trec_run(out / report.RUN_RERANKED)
+    first = report.read_trec_run(out / report.RUN_FIRST_STAGE)
+    fused = report.read_trec_run(out / report.RUN_RERANKED)
+    alone = report.read_trec_run(out / report.RUN_RERANKED_NO_FUSION)
     model = SentenceTransformer(str(packaged_model_dir()), device="cpu")
-    for q in list(reranked)[:3]:
-        head = [d for d, _ in reranked[q][:DEPTH]]
+
+    def minmax(x: np.ndarray) -> np.ndarray:
+        return (x - x.min()) / (x.max() - x.min())
+
+    for q in list(fused)[:3]:
+        head = [d for d, _ in first[q][:DEPTH]]
         emb = model.encode(
             [scifact.queries[q]] + [scifact.corpus[d].joined() for d in head], normalize_embeddings=True
         )
-        scores = emb[1:] @ emb[0]
-        assert np.all(np.diff(scores) <= 1e-4), (q, scores)
+        cosine = dict(zip(head, emb[1:] @ emb[0], strict=True))
+        order = [d for d, _ in alone[q][:DEPTH]]
+        assert np.all(np.diff([cosine[d] for d in order]) <= 1e-4), q
+        bm25 = np.array([s for _, s in first[q][:DEPTH]])
+        blend = 0.7 * minmax(np.array([cosine[d] for d in head])) + 0.3 * minmax(bm25)
+        expected = dict(zip(head, blend, strict=True))
+        for d, score in fused[q][:DEPTH]:
+            assert score == pytest.approx(expected[d], abs=1e-3), (q, d)
 
 
 @pytest.fixture
 def sidecar_with_http(packaged_scorer: Scorer) -> Iterator[ServerThread]:
-    if importlib.util.find_spec("sidecar.http_api") is None:
-        pytest.skip("the sidecar's HTTP front end (sidecar.http_api) is not there yet")
     srv = ServerThread(test_settings(), packaged_scorer)
     yield srv
     srv.stop(grace=1.0)
