@@ -74,7 +74,13 @@ class RerankService:
         if self.scorer is None:
             from sidecar.scoring.loading import load_scorer
 
-            self.scorer = await loop.run_in_executor(None, load_scorer, self.settings)
+            # Its own thread, not the loop's default executor: asyncio.run joins that one on exit, so a
+            # SIGTERM during loading would wait for the load to finish.
+            loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model")
+            try:
+                self.scorer = await loop.run_in_executor(loader, load_scorer, self.settings)
+            finally:
+                loader.shutdown(wait=False)
         s = self.settings
         self.batcher = Batcher(
             self.scorer,
@@ -112,6 +118,8 @@ class RerankService:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or `timeout` passes (False)."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
