@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
+from sidecar.batcher import Batcher
 from sidecar.grpc_api import RerankerServicer
 from sidecar.health import Health
 from sidecar.metrics import Metrics
@@ -55,6 +56,7 @@ class SidecarServer:
         self._http_runner: typing.Any = None
         self._metrics_server: typing.Any = None
         self.loaded: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bind every port and begin loading the model; `loaded` completes when SERVING."""
@@ -97,6 +99,14 @@ class SidecarServer:
     async def _load(self) -> None:
         await self.service.start()
         await self.health.set_serving(True)
+        assert self.service.batcher is not None
+        self._watch = asyncio.get_running_loop().create_task(self._watch_batcher(self.service.batcher))
+
+    async def _watch_batcher(self, batcher: Batcher) -> None:
+        """Health tells the truth: a batcher that died cannot score, so probes must see NOT_SERVING."""
+        await batcher.failed
+        self.metrics.ready.set(0)
+        await self.health.set_serving(False)
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -141,6 +151,8 @@ class SidecarServer:
 
     async def _close(self, grace: float) -> None:
         """Close the listeners (RPCs still open get `grace` seconds), the batcher and the metrics server."""
+        if self._watch:
+            self._watch.cancel()
         stops = []
         if self._grpc:
             stops.append(self._grpc.stop(grace))
