@@ -88,6 +88,9 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._running: set[_Job] = set()  # jobs with pairs in the batch being scored
+        # Resolved with the exception that stopped the loop, if one ever does.
+        self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         # Batch log for tests and debugging: (number of pairs, number of distinct jobs) per batch.
         self.batch_log: deque[tuple[int, int]] = deque(maxlen=1000)
 
@@ -109,6 +112,8 @@ class Batcher:
         """
         if self._closed:
             raise NotReady("the sidecar is shutting down; retry on another replica")
+        if self.failed.done():
+            raise InternalError("the batcher stopped; retry on another replica")
         n = len(pairs)
         if self._queued_pairs + n > self.max_queue_pairs:
             raise Overloaded(
@@ -167,6 +172,29 @@ class Batcher:
             self._queued_pairs -= 1
 
     async def _run(self) -> None:
+        """The loop, supervised: if it ever dies, every waiting request fails with INTERNAL at once (not
+        at its deadline), later ones are refused, and `failed` tells the server to report NOT_SERVING."""
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.critical("the batcher stopped on an unexpected error; reporting NOT_SERVING", exc_info=True)
+            self._fail_all(InternalError("the batcher stopped; retry on another replica"))
+            self.failed.set_result(exc)
+
+    def _fail_all(self, error: Exception) -> None:
+        for item in self._queue:
+            if not item.job.future.done():
+                item.job.future.set_exception(error)
+        for job in list(self._running):
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._queue.clear()
+        self._queued_pairs = 0
+        self.metrics.queue_pairs.set(0)
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
@@ -260,11 +288,16 @@ class Batcher:
                 job.stats.queue_seconds = started - job.enqueued_at
                 self.metrics.queue_seconds.observe(job.stats.queue_seconds)
         pairs = [i.job.pairs[i.index] for i in batch]
+        self._running = set(jobs)
         try:
             scores = await loop.run_in_executor(self._executor, self.scorer.score, pairs)
+            if len(scores) != len(batch):
+                raise ValueError(f"the scorer returned {len(scores)} scores for {len(batch)} pairs")
         except Exception:
             log.exception("scoring a batch of %d pairs failed", len(batch))
             for job in jobs:
+                # Its pairs still queued must give their capacity back, or the queue shrinks for good.
+                self._abandon(job, "failed")
                 if not job.future.done():
                     job.future.set_exception(InternalError("scoring failed"))
             return
@@ -286,3 +319,4 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.scores)
+        self._running = set()

@@ -39,7 +39,6 @@ def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
     from pydantic import ValidationError
@@ -50,9 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from sidecar.server import serve
+    from sidecar.server import main
 
-    return asyncio.run(serve(settings))
+    main(settings)
 
 
 # `health` exit codes: probes and scripts tell "wait" (NOT_SERVING) from "start one" (nothing answering).

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
+import sys
 import typing
 from collections.abc import AsyncIterator
 
@@ -20,12 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
+from sidecar.batcher import Batcher
 from sidecar.grpc_api import RerankerServicer
 from sidecar.health import Health
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Scorer
 from sidecar.service import RerankService
-from sidecar.settings import Settings
+from sidecar.settings import Settings, env_name, flag_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,8 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.so_reuseport", 0),
 ]
+# After the drain, how long RPCs still open (Health.Watch streams, answers being written) may take.
+CLOSE_GRACE_S = 1.0
 
 
 class SidecarServer:
@@ -49,6 +56,7 @@ class SidecarServer:
         self._http_runner: typing.Any = None
         self._metrics_server: typing.Any = None
         self.loaded: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bind every port and begin loading the model; `loaded` completes when SERVING."""
@@ -64,14 +72,19 @@ class SidecarServer:
             ),
             server,
         )
-        self.grpc_port = server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"could not bind gRPC to {s.host}:{s.grpc_port}")
+        try:
+            self.grpc_port = server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+        except RuntimeError as exc:  # grpc says only "Failed to bind"; the probe in _bind_error says why
+            raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", None) from exc
         await self.health.set_serving(False)
         await server.start()
         self._grpc = server
-        await self._start_http()
-        self._start_metrics()
+        try:
+            await self._start_http()
+            self._start_metrics()
+        except BaseException:
+            await self._close(0)
+            raise
         log.info(
             "listening: grpc %s:%d, http %s:%d, metrics %s:%d",
             s.host,
@@ -86,6 +99,14 @@ class SidecarServer:
     async def _load(self) -> None:
         await self.service.start()
         await self.health.set_serving(True)
+        assert self.service.batcher is not None
+        self._watch = asyncio.get_running_loop().create_task(self._watch_batcher(self.service.batcher))
+
+    async def _watch_batcher(self, batcher: Batcher) -> None:
+        """Health tells the truth: a batcher that died cannot score, so probes must see NOT_SERVING."""
+        await batcher.failed
+        self.metrics.ready.set(0)
+        await self.health.set_serving(False)
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -95,26 +116,29 @@ class SidecarServer:
         app = create_app(self.service, self.metrics, self.settings)
         runner = web.AppRunner(app, shutdown_timeout=self.settings.drain_seconds, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.http_port)
-        await site.start()
         self._http_runner = runner
+        site = web.TCPSite(runner, self.settings.host, self.settings.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _bind_error("HTTP", self.settings.host, self.settings.http_port, "http_port", exc) from exc
         self.http_port = runner.addresses[0][1]
 
     def _start_metrics(self) -> None:
         from prometheus_client import start_http_server
 
-        server, _ = start_http_server(
-            self.settings.metrics_port, addr=self.settings.host, registry=self.metrics.registry
-        )
+        s = self.settings
+        try:
+            server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise _bind_error("metrics", s.host, s.metrics_port, "metrics_port", exc) from exc
         self._metrics_server = server
         self.metrics_port = server.server_port
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, let in-flight requests finish within the grace period."""
         grace = self.settings.drain_seconds if grace is None else grace
-        log.info("draining (up to %.1fs, %d requests in flight)", grace, self.service.in_flight)
-        loop = asyncio.get_running_loop()
-        until = loop.time() + grace
+        log.info("draining (up to %.1fs, %s in flight)", grace, _requests(self.service.in_flight))
         # Health answers NOT_SERVING (probes can see it) while new Rerank calls get UNAVAILABLE and
         # in-flight ones finish; only then do the listeners close.
         await self.health.shutdown()
@@ -122,10 +146,16 @@ class SidecarServer:
         if self.loaded and not self.loaded.done():
             self.loaded.cancel()
         if not await self.service.wait_idle(grace):
-            log.warning("drain period over with %d requests still in flight", self.service.in_flight)
+            log.warning("drain period over with %s still in flight", _requests(self.service.in_flight))
+        await self._close(CLOSE_GRACE_S)
+
+    async def _close(self, grace: float) -> None:
+        """Close the listeners (RPCs still open get `grace` seconds), the batcher and the metrics server."""
+        if self._watch:
+            self._watch.cancel()
         stops = []
         if self._grpc:
-            stops.append(self._grpc.stop(max(0.0, until - loop.time())))
+            stops.append(self._grpc.stop(grace))
         if self._http_runner:
             stops.append(self._http_runner.cleanup())
         await asyncio.gather(*stops, return_exceptions=True)
@@ -134,6 +164,42 @@ class SidecarServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         log.info("stopped")
+
+
+class StartupError(Exception):
+    """The server cannot start for a reason the operator can fix; the message says how."""
+
+
+def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None) -> StartupError:
+    """One line naming the port, why it could not be bound, and the flag that moves it."""
+    code = exc.errno if exc is not None else _probe_bind(host, port)
+    if code == errno.EADDRINUSE:
+        why = "the port is already in use (is another sidecar still running?)"
+    elif code == errno.EACCES:
+        why = "permission denied (ports below 1024 need privileges)"
+    elif code == errno.EADDRNOTAVAIL:
+        why = f"{host} is not an address of this machine"
+    else:
+        why = f"{exc.strerror if exc is not None and exc.strerror else 'the address cannot be bound'}"
+    return StartupError(
+        f"cannot listen for {what} on {host}:{port}: {why}; stop whatever holds it or pick another port "
+        f"with {flag_name(field)} / {env_name(field)} (0 picks a free one)"
+    )
+
+
+def _probe_bind(host: str, port: int) -> int | None:
+    """The errno a plain bind of (host, port) gets now; grpc's own bind error carries none."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return exc.errno
+    return None
+
+
+def _requests(n: int) -> str:
+    return f"{n} request" if n == 1 else f"{n} requests"
 
 
 def _host(host: str) -> str:
@@ -154,9 +220,15 @@ async def running(settings: Settings, scorer: Scorer | None = None) -> AsyncIter
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; exit code 0 after a clean drain, 1 if the model failed to load."""
+    """Run until SIGTERM/SIGINT; exit code 0 after a clean drain, 1 if the server could not start or the
+    model failed to load."""
     server = SidecarServer(settings)
-    await server.start()
+    try:
+        await server.start()
+    except StartupError as exc:
+        # One line for an operator's mistake; the traceback only when asked for.
+        log.error("%s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,8 +238,23 @@ async def serve(settings: Settings) -> int:
     await asyncio.wait({server.loaded, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if server.loaded.done() and not server.loaded.cancelled() and server.loaded.exception():
         log.error("the model failed to load: %s", server.loaded.exception())
-        await server.stop(grace=0)
+        # Nothing was ever served, so there is nothing to drain.
+        await server._close(0)
         return 1
     await stopper
     await server.stop()
     return 0
+
+
+def main(settings: Settings) -> typing.NoReturn:
+    """`serve` as a process: run, then exit at once.
+
+    Interpreter teardown (torch, tokenizers, grpc) takes seconds after "stopped", and a model load
+    cancelled by SIGTERM would keep its thread running to the end: both would stretch the drain the
+    operator configured. Everything worth keeping is flushed first.
+    """
+    code = asyncio.run(serve(settings))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -31,12 +31,15 @@ from sidecar.fusion import (
     fuse,
 )
 from sidecar.metrics import Metrics
-from sidecar.scoring.base import Pair, Scorer
+from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.settings import Settings
 from sidecar.types import HitStatus, ModelInfo, RankedHit, RerankQuery, RerankResult, Timings
 
 log = logging.getLogger(__name__)
 
+# Pairs tokenized per step. Documents are clipped to what the model reads, so a slice costs at most
+# about MEASURE_SLICE_PAIRS x max_length x 8 characters of tokenizer work (tens of milliseconds).
+MEASURE_SLICE_PAIRS = 32
 WARMUP_QUERY = "what does a reranker do"
 WARMUP_DOCS = (
     "A reranker scores each candidate document against the query and reorders the candidates.",
@@ -64,7 +67,12 @@ class RerankService:
     # ---- lifecycle ----------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._loaded and not self._draining
+        return self._loaded and not self._draining and not self.broken
+
+    @property
+    def broken(self) -> bool:
+        """The batcher died on an unexpected error: nothing can be scored until a restart."""
+        return self.batcher is not None and self.batcher.failed.done()
 
     async def start(self) -> None:
         """Load the model (in a thread), start the batcher, run the warm-up batch, then report ready."""
@@ -74,7 +82,13 @@ class RerankService:
         if self.scorer is None:
             from sidecar.scoring.loading import load_scorer
 
-            self.scorer = await loop.run_in_executor(None, load_scorer, self.settings)
+            # Its own thread, not the loop's default executor: asyncio.run joins that one on exit, so a
+            # SIGTERM during loading would wait for the load to finish.
+            loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model")
+            try:
+                self.scorer = await loop.run_in_executor(loader, load_scorer, self.settings)
+            finally:
+                loader.shutdown(wait=False)
         s = self.settings
         self.batcher = Batcher(
             self.scorer,
@@ -112,6 +126,8 @@ class RerankService:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or `timeout` passes (False)."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -161,6 +177,8 @@ class RerankService:
 
     async def _rerank(self, q: RerankQuery, started: float) -> RerankResult:
         if not self.ready or self.scorer is None or self.batcher is None:
+            if self.broken:
+                raise NotReady("this replica stopped scoring after an internal error and needs a restart")
             raise NotReady("the sidecar is shutting down" if self._draining else "the model is still loading")
         self._validate(q, self.scorer)
         fusion = self._fusion_for(q)
@@ -169,8 +187,10 @@ class RerankService:
         pairs = [Pair(q.query, d.model_text(), q.instruction or None) for d in q.documents]
 
         t0 = time.perf_counter()
-        measures = await loop.run_in_executor(self._prep, self.scorer.measure, pairs)
+        measures = await self._measure(pairs, self.scorer)
         self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
+        # From here on only what the model can read is held per pair (Measure.clipped).
+        pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
         truncated = sum(m.truncated for m in measures)
         if truncated:
             self.metrics.truncated.inc(truncated)
@@ -217,6 +237,16 @@ class RerankService:
         return RerankResult(
             hits=hits, model_id=info.model_id, model_revision=info.revision, timings=timings, fusion=fusion
         )
+
+    async def _measure(self, pairs: list[Pair], scorer: Scorer) -> list[Measure]:
+        """Tokenize in slices of MEASURE_SLICE_PAIRS: each slice is its own job on the tokenize threads,
+        so a big request's slices queue behind a small request's instead of holding it up."""
+        loop = asyncio.get_running_loop()
+        measures: list[Measure] = []
+        for start in range(0, len(pairs), MEASURE_SLICE_PAIRS):
+            chunk = pairs[start : start + MEASURE_SLICE_PAIRS]
+            measures += await loop.run_in_executor(self._prep, scorer.measure, chunk)
+        return measures
 
     def _fusion_for(self, q: RerankQuery) -> FusionSpec:
         """The request's fusion, else the server default; a default blend without scores becomes none."""

@@ -60,11 +60,13 @@ class Settings(BaseSettings):
         description="Tokens per (query, document) pair; longer pairs are truncated and reported as "
         "truncated. Unset uses the model's own limit. Lower is faster and loses document tail.",
     )
-    embedding_cache_size: int = Field(
-        100_000,
+    embedding_cache_bytes: int = Field(
+        128 << 20,
         ge=0,
-        description="Bi-encoders only: document embeddings kept in memory (most recent first; about 1.5 KB "
-        "each at 384 dimensions). Repeated documents then cost no forward pass. 0 disables it.",
+        description="Bi-encoders only: memory for document embeddings, most recent first, keyed by a hash "
+        "of the text (an entry costs about 1.9 KB at 384 dimensions however long the document; 128 MiB "
+        "holds about 70,000). Repeated documents then cost no forward pass; the bytes count against "
+        "the container's memory limit. 0 disables it.",
     )
     embedding_cache_dir: str | None = Field(
         None,

@@ -33,3 +33,43 @@ class RecordingScorer(Scorer):
     @property
     def seen(self) -> list[Pair]:
         return [p for b in self.batches for p in b]
+
+
+class TokenizerSpy:
+    """Wraps a REAL Hugging Face tokenizer and records how many characters each call was given: one
+    call is one uninterruptible step of tokenizer work."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.call_chars: list[int] = []
+
+    def __call__(self, first, second=None, **kwargs):  # type: ignore[no-untyped-def]
+        texts = [first] if isinstance(first, str) else list(first)
+        if second is not None:
+            texts += [second] if isinstance(second, str) else list(second)
+        self.call_chars.append(sum(len(t) for t in texts))
+        return self.inner(first, second, **kwargs)  # type: ignore[operator]
+
+
+class FailingScorer(RecordingScorer):
+    """A REAL scorer whose batches fail (raise) whenever they hold a pair of query `poison`."""
+
+    def __init__(self, inner: Scorer, poison: str) -> None:
+        super().__init__(inner)
+        self.poison = poison
+
+    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+        if any(p.query == self.poison for p in pairs):
+            self.batches.append(list(pairs))
+            raise RuntimeError("injected scorer failure")
+        return super().score(pairs)
+
+
+def break_batcher_loop(batcher: object) -> None:
+    """Make the batcher's loop itself raise at its next step, as an unforeseen bug would (the loop
+    code, not the scorer: scorer failures are caught per batch)."""
+
+    def broken(*args: object) -> list:
+        raise RuntimeError("injected batcher loop failure")
+
+    batcher._next_batch = broken  # type: ignore[attr-defined]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from sidecar.batcher import Batcher
-from sidecar.errors import DeadlineExceeded, Overloaded
+from sidecar.errors import DeadlineExceeded, InternalError, Overloaded
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Pair, Scorer
-from tests.fakes import RecordingScorer
+from tests.fakes import FailingScorer, RecordingScorer, break_batcher_loop
 from tests.texts import documents, queries
 
 
@@ -140,3 +140,55 @@ def test_expired_and_cancelled_work_never_reaches_the_model(bert_scorer: Scorer)
     asyncio.run(main())
     seen_queries = {p.query for p in rec.seen}
     assert seen_queries == {"blocker"}
+
+
+def test_a_failed_batch_returns_its_queue_capacity(bert_scorer: Scorer) -> None:
+    failing = FailingScorer(bert_scorer, poison="boom")
+
+    async def main() -> None:
+        b = _batcher(failing, max_queue_pairs=100, max_batch_pairs=10, max_wait_s=0)
+        b.start()
+        loop = asyncio.get_running_loop()
+        doomed = [Pair("boom", d) for d in documents(50)]
+        with pytest.raises(InternalError):
+            await b.submit(doomed, [m.tokens for m in bert_scorer.measure(doomed)], loop.time() + 60)
+        await asyncio.sleep(0.05)
+        assert b.queued_pairs == 0  # the failed request's 40 unscored pairs gave their capacity back
+        assert b.metrics.queue_pairs._value.get() == 0  # type: ignore[attr-defined]
+        # 61 pairs fit a 100-pair queue again (they were refused "queue full" before).
+        pairs = [Pair("fine", d) for d in documents(61)]
+        scores, _ = await b.submit(pairs, [m.tokens for m in bert_scorer.measure(pairs)], loop.time() + 60)
+        assert scores.shape == (61,)
+        await b.close()
+
+    asyncio.run(main())
+    assert len(failing.batches) >= 2  # the failed batch, then the good request's batches
+    assert not any(p.query == "boom" for batch in failing.batches[1:] for p in batch)
+
+
+def test_a_dead_batcher_loop_fails_waiting_requests_at_once_and_refuses_new_ones(bert_scorer: Scorer) -> None:
+    gate = threading.Event()
+    rec = RecordingScorer(bert_scorer, gate)
+
+    async def main() -> None:
+        b = _batcher(rec, max_wait_s=0)
+        b.start()
+        loop = asyncio.get_running_loop()
+        running = asyncio.create_task(b.submit([Pair("first", "x")], [4], loop.time() + 60))
+        while not rec.entered.is_set():
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(b.submit(*_request(bert_scorer, "waiting"), loop.time() + 60))
+        await asyncio.sleep(0.05)
+        break_batcher_loop(b)
+        gate.set()
+        t0 = loop.time()
+        with pytest.raises(InternalError):
+            await waiting  # at once, not at its 60 s deadline
+        assert loop.time() - t0 < 30
+        assert (await running)[0].shape == (1,)  # its batch had finished before the loop broke
+        assert isinstance(await b.failed, RuntimeError)
+        with pytest.raises(InternalError):
+            await b.submit([Pair("later", "x")], [4], loop.time() + 60)
+        await b.close()
+
+    asyncio.run(main())

@@ -51,9 +51,9 @@ def test_restarted_scorer_reads_document_embeddings_from_disk(tmp_path: Path) ->
 
 def test_store_works_without_the_memory_cache(tmp_path: Path) -> None:
     pairs = [Pair("vaccines", d) for d in documents(3)]
-    a = make_scorer(None, embedding_cache_dir=str(tmp_path), embedding_cache_size=0)
+    a = make_scorer(None, embedding_cache_dir=str(tmp_path), embedding_cache_bytes=0)
     ref = a.score(pairs)
-    b = make_scorer(None, embedding_cache_dir=str(tmp_path), embedding_cache_size=0)
+    b = make_scorer(None, embedding_cache_dir=str(tmp_path), embedding_cache_bytes=0)
     seen = _count_embedded(b)
     np.testing.assert_array_equal(b.score(pairs), ref)
     assert seen == ["vaccines"]

@@ -3,7 +3,11 @@ the real `serve` process exits cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +26,10 @@ from tests.conftest import ServerThread, test_settings
 from tests.fakes import RecordingScorer
 
 
-def test_drain_finishes_in_flight_and_refuses_new_work(bert_scorer: Scorer) -> None:
+def test_drain_finishes_in_flight_and_refuses_new_work(
+    bert_scorer: Scorer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.server")
     gate = threading.Event()
     rec = RecordingScorer(bert_scorer, gate)
     srv = ServerThread(test_settings(warmup=False, max_wait_ms=0), scorer=rec)
@@ -48,6 +55,7 @@ def test_drain_finishes_in_flight_and_refuses_new_work(bert_scorer: Scorer) -> N
         gate.set()
         assert len(in_flight.result(30).results) == 3  # nothing lost
         stopping.result(30)
+    assert "draining (up to 10.0s, 1 request in flight)" in caplog.text
     assert "new" not in {p.query for p in rec.seen}
     channel.close()
     srv.loop.call_soon_threadsafe(srv.loop.stop)
@@ -89,4 +97,90 @@ def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path: Path) -> None
     sc = SidecarProcess(["--model", str(tmp_path)], ready_timeout=120, log_path=tmp_path / "serve.log")
     with pytest.raises(RuntimeError, match="exited with code 1"):
         sc.start()
-    assert "failed to load" in (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert "failed to load" in log
+    assert "drain" not in log  # nothing was served, so nothing is drained
+
+
+def _serve_cmd(*args: str) -> list[str]:
+    ports = {"--grpc-port": "0", "--http-port": "0", "--metrics-port": "0"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        ports[flag] = value
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        *(x for kv in ports.items() for x in kv),
+    ]
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port"])
+def test_a_busy_port_is_one_clear_line_and_a_non_zero_exit(flag: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(_serve_cmd(flag, str(port)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr
+    assert f"127.0.0.1:{port}" in errors[0] and "already in use" in errors[0] and flag in errors[0]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+
+
+def test_a_busy_port_shows_the_traceback_at_debug_level() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [*_serve_cmd("--http-port", str(port)), "--log-level", "DEBUG"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "already in use" in proc.stderr
+
+
+def _run_until(proc: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
+    """Lines of the process's log up to and including the first holding `marker`."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    until = time.monotonic() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if marker in line:
+            return lines
+        assert time.monotonic() < until, "".join(lines)
+    raise AssertionError(f"{marker!r} never logged:\n{''.join(lines)}")
+
+
+def test_serve_exits_promptly_after_logging_stopped(bert_ce_dir: Path) -> None:
+    cmd = [*_serve_cmd(), "--model", str(bert_ce_dir), "--drain-seconds", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        _run_until(proc, "INFO sidecar.service: serving")
+        proc.send_signal(signal.SIGTERM)
+        _run_until(proc, "INFO sidecar.server: stopped")
+        stopped_at = time.monotonic()
+        # Interpreter teardown (torch, tokenizers, grpc) used to take seconds more on this machine.
+        assert proc.wait(30) == 0
+        assert time.monotonic() - stopped_at < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_while_the_model_loads_exits_at_once() -> None:
+    # The packaged model takes seconds to load; the drain must not wait for the loading thread.
+    proc = subprocess.Popen([*_serve_cmd(), "--drain-seconds", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        _run_until(proc, "listening:")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        lines = _run_until(proc, "INFO sidecar.server: stopped")
+        assert proc.wait(30) == 0
+        assert time.monotonic() - signalled < 1 + 3.0  # the drain, plus a few seconds at most
+        assert not any("serving" in line for line in lines)
+    finally:
+        proc.kill()
+        proc.wait()

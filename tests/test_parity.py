@@ -86,11 +86,12 @@ def test_truncation_is_reported(bert_scorer: Scorer) -> None:
 
 
 def test_bi_encoder_document_cache_keeps_scores_and_skips_work(packaged_model_dir: Path) -> None:
-    cached = make_scorer(None, embedding_cache_size=5)
-    uncached = make_scorer(None, embedding_cache_size=0)
-    pairs = _pairs()
+    cached = make_scorer(None, embedding_cache_bytes=5 * (384 * 4 + 384))
+    uncached = make_scorer(None, embedding_cache_bytes=0)
+    # As the service does: the pairs measure clipped to what the model reads are the ones scored.
+    pairs = [m.clipped or p for p, m in zip(_pairs(), cached.measure(_pairs()), strict=True)]
     first = cached.score(pairs)
-    assert len(cached._cache) == 5  # type: ignore[attr-defined]  # bounded: the oldest were evicted
+    assert len(cached.cache) == 5  # type: ignore[attr-defined]  # bounded: the oldest were evicted
     again = cached.score(pairs[-5:])
     np.testing.assert_allclose(again, first[-5:], atol=1e-6)
     np.testing.assert_allclose(first, uncached.score(pairs), atol=TOL)

@@ -80,7 +80,7 @@ def test_bf16_packaged_model_keeps_the_ranking(packaged_scorer) -> None:  # type
     pairs = _pairs()
     fp32 = packaged_scorer.score(pairs)
     assert packaged_scorer.info.dtype == "float32"
-    bf16 = make_scorer(None, dtype="bfloat16", embedding_cache_size=0).score(pairs)
+    bf16 = make_scorer(None, dtype="bfloat16", embedding_cache_bytes=0).score(pairs)
     assert np.max(np.abs(bf16 - fp32)) <= BF16_TOL_COSINE
     # A trained model separates relevant from irrelevant by far more than bf16's error: per query, the
     # two relevant documents stay the top two, in the same order.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from sidecar.scoring.base import Pair, clip_text
 
 
 def quiet_transformers() -> None:
@@ -97,3 +100,32 @@ class SentenceTransformersScorer:
                 first, second, truncation=False, add_special_tokens=True, verbose=False
             )
         return [len(ids) for ids in enc["input_ids"]]
+
+    def _count(self, text: str) -> int:
+        with self._measure_lock:
+            enc = self._measure_tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
+        return len(enc["input_ids"])
+
+    def _clip(
+        self, pairs: Sequence[Pair], tokens: int, longer_than_query: bool = False
+    ) -> tuple[list[Pair], list[Pair | None]]:
+        """Each pair with its document clipped to about `tokens` tokens (`clip_text`); the clipped
+        pairs, and per pair the clipped one or None where nothing was cut.
+
+        `longer_than_query`: pair truncation ('longest_first') trims whichever text is longer, so a
+        document must stay longer than its query for the kept tokens to be the same.
+        """
+        query_tokens: dict[str, int] = {}
+        out: list[Pair] = []
+        changed: list[Pair | None] = []
+        for p in pairs:
+            need = tokens
+            if longer_than_query:
+                if p.query not in query_tokens:
+                    query_tokens[p.query] = self._count((p.instruction or "") + p.query)
+                need += query_tokens[p.query]
+            doc = clip_text(p.document, need, self._count)
+            clipped = p._replace(document=doc) if doc is not p.document else None
+            out.append(clipped or p)
+            changed.append(clipped)
+        return out, changed

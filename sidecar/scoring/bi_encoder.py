@@ -2,13 +2,16 @@
 embedding model (the packaged all-MiniLM-L6-v2 by default).
 
 Each distinct query in a batch is embedded once, so a 100-document request costs one query forward.
-Document embeddings do not depend on the query, so the most recent `embedding_cache_size` of them are
-kept (keyed by text, per loaded model): a document seen before costs no forward pass at all. With
-`embedding_cache_dir` they also persist on disk (`embedding_store`), across restarts and replays.
+Document embeddings do not depend on the query, so the most recent ones are kept up to
+`embedding_cache_bytes` (per loaded model, keyed by a 16-byte hash of the text the model reads): a
+document seen before costs no forward pass at all, and a long document costs the cache no more than a
+short one. With `embedding_cache_dir` they also persist on disk (`embedding_store`), across restarts
+and replays, under the same keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,6 +24,55 @@ from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
 from sidecar.settings import Settings
 
+# What one cache entry costs beyond its float32 vector: the 16-byte key, the numpy array object and
+# the dict slot (measured ~315 bytes on CPython 3.11; rounded up).
+ENTRY_OVERHEAD_BYTES = 384
+
+
+def text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class EmbeddingCache:
+    """Least-recently-used document embeddings, bounded in bytes. Thread-safe (measure peeks from the
+    tokenize threads, score fills it from the model thread)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        with self._lock:
+            found = {k: self._entries[k] for k in keys if k in self._entries}
+            for k in found:
+                self._entries.move_to_end(k)
+        return found
+
+    def put(self, key: bytes, embedding: np.ndarray) -> None:
+        # A copy of its own: a row of the batch's matrix would keep the whole batch alive.
+        value = np.array(embedding, dtype=np.float32, copy=True)
+        cost = value.nbytes + ENTRY_OVERHEAD_BYTES
+        if cost > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes + ENTRY_OVERHEAD_BYTES
+            self._entries[key] = value
+            self.bytes += cost
+            while self.bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.nbytes + ENTRY_OVERHEAD_BYTES
+
 
 class BiEncoderScorer(SentenceTransformersScorer, Scorer):
     backend = "bi-encoder"
@@ -32,9 +84,7 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
         if settings.max_length:
             self.model.max_seq_length = settings.max_length
         self.max_length = model_max_length(self.model.max_seq_length, getattr(self.model[0], "config", None))
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._cache_size = settings.embedding_cache_size
-        self._cache_lock = threading.Lock()  # measure() peeks from the tokenize threads
+        self.cache = EmbeddingCache(settings.embedding_cache_bytes)
         self.info = self._model_info(self.max_length)
         self._store = None
         if settings.embedding_cache_dir:
@@ -45,13 +95,14 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
             )
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
+        # The model reads at most max_length tokens of a document, so no more of it matters.
+        pairs, clipped = self._clip(pairs, self.max_length)
         lengths = self._token_lengths([p.document for p in pairs])
-        with self._cache_lock:
-            cached = [p.document in self._cache for p in pairs]
+        cached = [text_key(p.document) in self.cache for p in pairs] if self.cache.max_bytes else []
         # A cached document costs (almost) nothing to score, which the batcher's token budget should know.
         return [
-            Measure(1 if hit else min(n, self.max_length), n > self.max_length)
-            for n, hit in zip(lengths, cached, strict=True)
+            Measure(1 if cached and cached[i] else min(n, self.max_length), n > self.max_length, clipped[i])
+            for i, n in enumerate(lengths)
         ]
 
     def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
@@ -64,32 +115,25 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
     def _documents(self, texts: list[str]):  # type: ignore[no-untyped-def]
         import torch
 
-        if self._cache_size <= 0 and self._store is None:
+        if self.cache.max_bytes <= 0 and self._store is None:
             return self._embed(texts)
-        with self._cache_lock:
-            known = {t: self._cache[t] for t in texts if t in self._cache}
-            for t in known:
-                self._cache.move_to_end(t)
-        from_memory = set(known)
-        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        keys = [text_key(t) for t in texts]
+        known: dict[bytes, Any] = {k: torch.from_numpy(v) for k, v in self.cache.get(keys).items()}
+        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in known}
         if missing and self._store is not None:
-            stored = self._store.get_many(missing)
-            for t, v in stored.items():
-                known[t] = torch.from_numpy(v.copy()).to(self._device)
-            missing = [t for t in missing if t not in stored]
+            for k, v in self._store.get_many(list(missing)).items():
+                self.cache.put(k, v)
+                known[k] = torch.from_numpy(v)
+                del missing[k]
         if missing:
-            fresh = self._embed(missing)
+            fresh = self._embed(list(missing.values()))
+            host = fresh.cpu().numpy()
             if self._store is not None:
-                self._store.put_many(missing, fresh.cpu().numpy())
-            for t, e in zip(missing, fresh, strict=True):
-                known[t] = e
-        with self._cache_lock:
-            for t, e in known.items():
-                if t not in from_memory and self._cache_size > 0:
-                    self._cache[t] = e
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return torch.stack([known[t] for t in texts])
+                self._store.put_many(list(missing), host)
+            for i, k in enumerate(missing):
+                self.cache.put(k, host[i])
+                known[k] = fresh[i]
+        return torch.stack([known[k].to(self._device) for k in keys])
 
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         import torch

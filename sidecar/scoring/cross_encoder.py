@@ -40,9 +40,14 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
         return [((p.instruction or "") + p.query, p.document) for p in pairs]
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
+        # The model reads at most max_length tokens of the pair, so no more of the document matters.
+        pairs, clipped = self._clip(pairs, self.max_length, longer_than_query=True)
         texts = self._texts(pairs)
         lengths = self._token_lengths([q for q, _ in texts], [d for _, d in texts])
-        return [Measure(min(n, self.max_length), n > self.max_length) for n in lengths]
+        return [
+            Measure(min(n, self.max_length), n > self.max_length, c)
+            for n, c in zip(lengths, clipped, strict=True)
+        ]
 
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         import torch

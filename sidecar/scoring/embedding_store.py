@@ -3,12 +3,12 @@
 Document embeddings depend only on the model, its precision and its length limit, never on the query, so
 a restarted sidecar (or a second replay of the same corpus) need not embed a document it embedded before.
 The file name carries the model's content hash, the dtype and the max length, so a changed model or
-setting can never be served a stale vector; rows are keyed by the SHA-256 of the document text.
+setting can never be served a stale vector; rows are keyed by the caller's 16-byte hash of the text the
+model reads (`bi_encoder.text_key`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import threading
@@ -18,10 +18,6 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
-
-
-def text_key(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
 class EmbeddingStore:
@@ -42,28 +38,26 @@ class EmbeddingStore:
         count = self._db.execute("SELECT COUNT(*) FROM embedding").fetchone()[0]
         log.info("document embedding store %s: %d embeddings", self.path, count)
 
-    def get_many(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The stored vectors of those `texts` that have one."""
-        keys = {text_key(t): t for t in texts}
-        found: dict[str, np.ndarray] = {}
-        items = list(keys.items())
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        """The stored vectors of those `keys` that have one (writable copies)."""
+        unique = list(dict.fromkeys(keys))
+        found: dict[bytes, np.ndarray] = {}
         with self._lock:
-            for start in range(0, len(items), 500):  # SQLite's bound-parameter limit
-                chunk = items[start : start + 500]
+            for start in range(0, len(unique), 500):  # SQLite's bound-parameter limit
+                chunk = unique[start : start + 500]
                 rows = self._db.execute(
-                    f"SELECT key, vector FROM embedding WHERE key IN ({','.join('?' * len(chunk))})",
-                    [k for k, _ in chunk],
+                    f"SELECT key, vector FROM embedding WHERE key IN ({','.join('?' * len(chunk))})", chunk
                 ).fetchall()
                 for key, blob in rows:
-                    found[keys[bytes(key)]] = np.frombuffer(blob, dtype=np.float32)
+                    found[bytes(key)] = np.frombuffer(blob, dtype=np.float32).copy()
         self.hits += len(found)
-        self.misses += len(keys) - len(found)
+        self.misses += len(unique) - len(found)
         return found
 
-    def put_many(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+    def put_many(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
         rows = [
-            (text_key(t), np.ascontiguousarray(v, dtype=np.float32).tobytes())
-            for t, v in zip(texts, vectors, strict=True)
+            (k, np.ascontiguousarray(v, dtype=np.float32).tobytes())
+            for k, v in zip(keys, vectors, strict=True)
         ]
         with self._lock:
             self._db.execute("BEGIN")

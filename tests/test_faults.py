@@ -1,0 +1,84 @@
+"""Faults inside the server, seen from real clients: a failing batch, a dead batcher loop, malformed
+and oversized gRPC messages."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar._proto.reranker.v1 import reranker_pb2 as pb
+from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
+from sidecar.scoring.base import Scorer
+from tests.conftest import test_settings
+from tests.fakes import FailingScorer, RecordingScorer, break_batcher_loop
+from tests.texts import documents
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _request(query: str, n: int) -> pb.RerankRequest:
+    return pb.RerankRequest(query=query, documents=[pb.Document(text=t) for t in documents(n)])
+
+
+def _health(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_a_failed_request_does_not_shrink_the_queue(server_factory, bert_scorer: Scorer) -> None:
+    settings = test_settings(max_queue_pairs=100, max_documents=100, max_batch_pairs=10, max_wait_ms=0)
+    srv = server_factory(settings, scorer=FailingScorer(bert_scorer, poison="boom"))
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.RerankerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(_request("boom", 50), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert err.value.details() == "internal error; the sidecar logged the details"
+        for _ in range(3):  # permanently refused "queue full" before the fix
+            assert len(stub.Rerank(_request("fine", 61), timeout=60).results) == 61
+        assert _health(ch) == SERVING
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.server.http_port}/metrics", timeout=5).read()
+    assert b"reranker_queue_pairs 0.0" in metrics
+
+
+def test_a_dead_batcher_fails_waiting_requests_and_turns_health_not_serving(
+    server_factory, bert_scorer: Scorer
+) -> None:
+    gate = threading.Event()
+    rec = RecordingScorer(bert_scorer, gate)
+    srv = server_factory(test_settings(warmup=False, max_wait_ms=0), scorer=rec)
+    with grpc.insecure_channel(srv.target) as ch, ThreadPoolExecutor(2) as pool:
+        stub = pb_grpc.RerankerServiceStub(ch)
+        first = pool.submit(stub.Rerank, _request("first", 1), timeout=60)
+        assert rec.entered.wait(10)
+        waiting = pool.submit(stub.Rerank, _request("waiting", 5), timeout=60)
+        time.sleep(0.2)
+        assert srv.server.service.batcher is not None
+        srv.call(_break(srv.server.service.batcher))
+        gate.set()
+        assert len(first.result(30).results) == 1
+        with pytest.raises(grpc.RpcError) as err:
+            waiting.result(30)  # at once, not after its 60 s deadline
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        deadline = time.monotonic() + 10
+        while _health(ch) != NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rerank(_request("later", 2), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "restart" in (err.value.details() or "")
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.server.http_port}/health", timeout=5)
+    assert http_err.value.code == 503
+
+
+async def _break(batcher: object) -> None:
+    break_batcher_loop(batcher)
