@@ -385,7 +385,7 @@ def _build_reranker(
             serve += ["--embedding-cache-dir", str(cache_dir() / "embeddings")]
         log = out_dir / "sidecar.log"
         progress.console.print(
-            f"starting a local sidecar ({' '.join(serve) or 'its default model'}); log: {log}"
+            f"starting a local sidecar ({' '.join(serve) or 'its default model'}); log: {log}", soft_wrap=True
         )
         task = progress.add_task("starting local sidecar", total=1)
         sc = stack.enter_context(SidecarProcess(serve, log_path=log))

@@ -204,7 +204,7 @@ def verdict(summary: Mapping[str, Any], metric: str = HEADLINE) -> str:
     how = f"reranking fused with the first stage ({fusion['applied_name']})" if fusion else "reranking"
     line = (
         f"Verdict: {how} moved {metric} from {fs:.4f} to {c['reranked']:.4f} ({delta:+.4f}, {ci_text}"
-        f"paired t p {_p(p)}; {c['wins']} queries better, {c['losses']} worse): {call} "
+        f"paired t p {_p(p)}; {_n(c['wins'], 'query', 'queries')} better, {c['losses']} worse): {call} "
         f"over {ds['queries']} {ds['name']} {ds['split']} queries."
     )
     if fusion:
@@ -318,8 +318,12 @@ def plot_latency(path: Path, result: ReplayResult) -> None:
         x = np.asarray([v for v in values if v and v > 0], dtype=float) * 1000.0
         if len(x):
             rows.append((label, x))
-    fig = _figure(9, 0.9 + 0.55 * max(1, len(rows)))
+    from matplotlib.transforms import blended_transform_factory
+
+    height = 1.3 + 0.55 * max(1, len(rows))
+    fig = _figure(10, height)
     ax = fig.add_subplot()
+    side = blended_transform_factory(ax.transAxes, ax.transData)
     for i, (_, x) in enumerate(reversed(rows)):
         p50, p95, p99 = np.percentile(x, [50, 95, 99])
         ax.hlines(i, x.min(), x.max(), color="#888888", linewidth=1)
@@ -327,25 +331,28 @@ def plot_latency(path: Path, result: ReplayResult) -> None:
         ax.plot([p50], [i], "o", color="#1f3b73", markersize=6)
         ax.plot([p95], [i], "s", color="#c0392b", markersize=5)
         ax.plot([p99], [i], "^", color="#7d3c98", markersize=6)
-        ax.annotate(
-            f"p50 {p50:.1f}  p95 {p95:.1f}  p99 {p99:.1f} ms",
-            (x.max(), i),
-            xytext=(6, -3),
-            textcoords="offset points",
+        # The values in a column right of the axes, where no mark can cover them.
+        ax.text(
+            1.02,
+            i,
+            f"p50 {p50:,.1f} · p95 {p95:,.1f} · p99 {p99:,.1f} ms",
+            transform=side,
+            va="center",
             fontsize=8,
         )
     ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
     ax.set_xscale("log")
     lo = min(float(x.min()) for _, x in rows) if rows else 1.0
     hi = max(float(x.max()) for _, x in rows) if rows else 10.0
-    ax.set_xlim(lo / 1.5, hi * 12)  # room on the right for the values
+    ax.set_xlim(lo / 1.5, hi * 1.5)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("latency (ms, log scale): line = min..max, box = p50..p95; ● p50  ■ p95  ▲ p99")
     ax.grid(True, axis="x", which="both", alpha=0.3)
     cfg = result.config
     load = f"{cfg.qps:g} qps offered" if cfg.qps else f"concurrency {cfg.concurrency}"
     ax.set_title(f"Latency per stage ({len(records)} queries, {load})", fontsize=10)
-    fig.tight_layout()
+    # Fixed margins (not tight_layout, which would count the value column as part of the axes).
+    fig.subplots_adjust(left=0.17, right=0.68, bottom=0.7 / height, top=1 - 0.45 / height)
     fig.savefig(path)
 
 
@@ -386,6 +393,10 @@ def _describe(d: Mapping[str, Any] | None, keys: Sequence[str]) -> str:
     if not d:
         return "none"
     return ", ".join(f"{k} {d[k]}" for k in keys if d.get(k) not in (None, ""))
+
+
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
 
 
 def _share(part: int, whole: int | None) -> str:
@@ -558,6 +569,7 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
             f"{rr.get('api')}, depth {summary['config']['depth']}"
             + (f", fusion {fusion['applied_name']}" if fusion else ""),
             highlight=False,
+            soft_wrap=True,
         )
     table = Table()
     table.add_column("metric")
@@ -583,7 +595,9 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     console.print(table)
     if fusion:
         # A second table: fused vs unfused is its own comparison (Δ, wins and p-values against no fusion).
-        console.print(f"fusion: {_fusion_line(fusion)}; fused vs the model alone:", highlight=False)
+        console.print(
+            f"fusion: {_fusion_line(fusion)}; fused vs the model alone:", highlight=False, soft_wrap=True
+        )
         ft = Table()
         for col in ("metric", "no fusion", "fused", "Δ", "W/L/T", "p (t / rand.)"):
             ft.add_column(col, justify="left" if col == "metric" else "right")
