@@ -237,7 +237,7 @@ def test_erank_forced_answer_matches_its_reference_and_costs_fewer_tokens(llm_di
     assert fast.info.backend == "causal-lm/erank+forced-answer"
     pairs = _pairs(3)
     reference, texts = reference_erank_scores(path, pairs, forced=True)
-    assert sum(s > 0 for s in reference) >= len(pairs) // 2, texts
+    assert np.std(reference) > 0, f"the comparison would be vacuous: {texts}"
     np.testing.assert_allclose(fast.score(pairs), reference, atol=TOL, rtol=0)
     # The budget counts generated tokens: full mode reserves its whole reasoning budget per pair.
     gap = [f.tokens - q.tokens for f, q in zip(full.measure(pairs), fast.measure(pairs), strict=True)]
