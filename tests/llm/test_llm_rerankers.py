@@ -137,7 +137,7 @@ def reference_logit_scores(family: str, path: Path, pairs: list[Pair]) -> np.nda
 
 
 def reference_erank_scores(
-    path: Path, pairs: list[Pair], forced: bool = False
+    path: Path, pairs: list[Pair], forced: bool = False, field_tokens: int = 2048
 ) -> tuple[np.ndarray, list[str]]:
     """Greedy `generate` per pair with output_scores; rank_score = N x product of the probabilities of the
     tokens between `<answer>` and `</answer>`; 0.0 when there is no such answer."""
@@ -145,8 +145,12 @@ def reference_erank_scores(
     answer_open, answer_close = tok.convert_tokens_to_ids("<answer>"), tok.convert_tokens_to_ids("</answer>")
     scores, texts = [], []
     for p in pairs:
+
+        def cut(text: str) -> str:  # the card's `truncate`: tokens, cut, back to text
+            return tok.convert_tokens_to_string(tok.tokenize(text)[:field_tokens])
+
         content = ERANK_PROMPT.format(
-            instruction=p.instruction or QWEN3_DEFAULT, query=p.query, doc=p.document
+            instruction=p.instruction or QWEN3_DEFAULT, query=cut(p.query), doc=cut(p.document)
         )
         text = tok.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -228,6 +232,15 @@ def test_erank_matches_reference_generation(llm_dirs: dict[str, Path]) -> None:
         with_instruction, reference_erank_scores(path, instructed)[0], atol=TOL, rtol=0
     )
     assert np.max(np.abs(with_instruction - reference)) > 1e-6, "the instruction changed nothing"
+
+
+def test_erank_cuts_query_and_document_to_field_tokens(llm_dirs: dict[str, Path]) -> None:
+    path = llm_dirs["erank"]
+    scorer = make_scorer(path, dtype="float32", llm_max_new_tokens=ERANK_NEW_TOKENS, llm_field_tokens=12)
+    pairs = _pairs(3)
+    assert all(m.truncated for m in scorer.measure(pairs))
+    reference, texts = reference_erank_scores(path, pairs, field_tokens=12)
+    np.testing.assert_allclose(scorer.score(pairs), reference, atol=TOL, rtol=0, err_msg=str(texts))
 
 
 def test_erank_forced_answer_matches_its_reference_and_costs_fewer_tokens(llm_dirs: dict[str, Path]) -> None:
