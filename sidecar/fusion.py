@@ -27,6 +27,13 @@ class FusionMethod(Enum):
     NONE = "none"  # rank by the reranker score alone
     BLEND = "blend"  # alpha * norm(reranker) + (1 - alpha) * norm(first stage)
     RRF = "rrf"  # reciprocal-rank fusion of the two rankings
+    # ERank's hybrid (arXiv 2509.00520): alpha * z(first stage) + (1 - alpha) * z(reranker), population std.
+    # Note alpha weighs the FIRST stage here, as in the paper, where blend's alpha weighs the reranker.
+    ERANK_HYBRID = "erank_hybrid"
+
+    @property
+    def needs_first_stage_scores(self) -> bool:
+        return self in (FusionMethod.BLEND, FusionMethod.ERANK_HYBRID)
 
 
 class Normalization(Enum):
@@ -61,7 +68,8 @@ _KEYS = ("method", "alpha", "normalization", "rrf_k")
 
 @dataclass(frozen=True)
 class FusionSpec:
-    """One fusion choice. `alpha` and `normalization` matter for BLEND only, `rrf_k` for RRF only."""
+    """One fusion choice. `alpha` and `normalization` matter for BLEND, `alpha` alone for ERANK_HYBRID
+    (where it is the first stage's weight), `rrf_k` for RRF only."""
 
     method: FusionMethod
     alpha: float = 0.5
@@ -97,6 +105,8 @@ class FusionSpec:
             d["normalization"] = self.normalization.value
         elif self.method is FusionMethod.RRF:
             d["rrf_k"] = self.rrf_k
+        elif self.method is FusionMethod.ERANK_HYBRID:
+            d["alpha"] = self.alpha
         return d
 
     @classmethod
@@ -142,6 +152,8 @@ class FusionSpec:
             return f"blend(alpha={self.alpha:g}, {self.normalization.value})"
         if self.method is FusionMethod.RRF:
             return f"rrf(k={self.rrf_k})"
+        if self.method is FusionMethod.ERANK_HYBRID:
+            return f"erank_hybrid(alpha={self.alpha:g})"
         return "none"
 
 
@@ -155,13 +167,14 @@ def first_missing(first_stage_scores: Sequence[float | None]) -> int | None:
 
 
 def check_inputs(spec: FusionSpec, first_stage_scores: Sequence[float | None]) -> None:
-    """InvalidInput when `spec` cannot be applied to these documents (blend needs every first-stage score)."""
-    if spec.method is FusionMethod.BLEND:
+    """InvalidInput when `spec` cannot be applied to these documents (blend and erank_hybrid need every
+    first-stage score)."""
+    if spec.method.needs_first_stage_scores:
         i = first_missing(first_stage_scores)
         if i is not None:
             raise InvalidInput(
-                f"fusion 'blend' needs first_stage_score on every document; documents[{i}] has none: "
-                "send scores or use rrf"
+                f"fusion '{spec.method.value}' needs first_stage_score on every document; documents[{i}] has "
+                "none: send scores or use rrf"
             )
 
 
@@ -188,6 +201,8 @@ def fuse(
                 normalize(rerank, spec.normalization), normalize(first, spec.normalization), strict=True
             )
         ]
+    if spec.method is FusionMethod.ERANK_HYBRID:
+        return erank_hybrid(rerank, [float(x) for x in first_stage_scores if x is not None], spec.alpha)
     k = spec.rrf_k
     rerank_rank = ranks(rerank)
     if first_missing(first_stage_scores) is None:
@@ -196,6 +211,15 @@ def fuse(
         # No (or partial) first-stage scores: documents arrive in first-stage rank order.
         first_rank = list(range(1, len(rerank) + 1))
     return [1 / (k + r) + 1 / (k + f) for r, f in zip(rerank_rank, first_rank, strict=True)]
+
+
+def erank_hybrid(rank_scores: Sequence[float], first_stage: Sequence[float], alpha: float) -> list[float]:
+    """ERank's hybrid score: alpha * z(first stage) + (1 - alpha) * z(rank score), z over this request's
+    documents with the population std (the model card's examples/utils.py uses numpy's default std).
+    A constant column contributes 0 (the card's code would divide by zero)."""
+    z_first = normalize(first_stage, Normalization.ZSCORE)
+    z_rank = normalize(rank_scores, Normalization.ZSCORE)
+    return [alpha * f + (1 - alpha) * r for f, r in zip(z_first, z_rank, strict=True)]
 
 
 def normalize(values: Sequence[float], how: Normalization) -> list[float]:

@@ -12,6 +12,7 @@ _METHOD = {
     FusionMethod.NONE: pb.FUSION_METHOD_NONE,
     FusionMethod.BLEND: pb.FUSION_METHOD_BLEND,
     FusionMethod.RRF: pb.FUSION_METHOD_RRF,
+    FusionMethod.ERANK_HYBRID: pb.FUSION_METHOD_ERANK_HYBRID,
 }
 _NORMALIZATION = {
     Normalization.MINMAX: pb.NORMALIZATION_MIN_MAX,
@@ -31,6 +32,8 @@ def fusion_to_proto(spec: FusionSpec) -> pb.Fusion:
         message.normalization = _NORMALIZATION[spec.normalization]
     elif spec.method is FusionMethod.RRF:
         message.rrf_k = spec.rrf_k
+    elif spec.method is FusionMethod.ERANK_HYBRID:
+        message.alpha = spec.alpha
     return message
 
 
@@ -45,7 +48,7 @@ def fusion_from_proto(message: pb.Fusion) -> FusionSpec | None:
         return None
     method = _METHOD_OF.get(message.method)
     if method is None:
-        raise InvalidInput(f"fusion.method {message.method} is unknown: use NONE, BLEND or RRF")
+        raise InvalidInput(f"fusion.method {message.method} is unknown: use NONE, BLEND, RRF or ERANK_HYBRID")
     normalization = _NORMALIZATION_OF.get(message.normalization)
     if normalization is None:
         raise InvalidInput(f"fusion.normalization {message.normalization} is unknown: use MIN_MAX or Z_SCORE")

@@ -23,7 +23,6 @@ from sidecar.errors import (
 )
 from sidecar.fusion import (
     NO_FUSION,
-    FusionMethod,
     FusionSpec,
     check_inputs,
     configured_default,
@@ -257,7 +256,7 @@ class RerankService:
         assert self.default_fusion is not None
         spec = self.default_fusion
         missing = first_missing(first_stage)
-        if spec.method is FusionMethod.BLEND and missing is not None:
+        if spec.method.needs_first_stage_scores and missing is not None:
             # OpenSearch's rerank processor sends text only; refusing would break every search.
             self.metrics.fusion_skipped.labels("no_first_stage_score").inc()
             if not self._told_blend_skipped:

@@ -31,10 +31,45 @@ class Settings(BaseSettings):
         None,
         description="Hub revision (branch, tag or commit) when --model is a hub id; pins what is served.",
     )
-    backend: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
+    backend: Literal["auto", "cross-encoder", "bi-encoder", "causal-lm"] = Field(
         "auto",
         description="Scorer family. 'auto' reads the model directory: a sentence-transformers embedding "
-        "model becomes a bi-encoder, anything else a cross-encoder.",
+        "model becomes a bi-encoder, a *ForCausalLM model an LLM reranker (causal-lm, docs/llm.md), anything "
+        "else a cross-encoder.",
+    )
+    llm_family: Literal["auto", "erank", "qwen3-reranker", "mxbai-rerank-v2", "bge-reranker-v2-gemma"] = (
+        Field(
+            "auto",
+            description="causal-lm only: the prompt template and scoring rule (docs/llm.md). 'auto' "
+            "reads it from the model's name (ERank-4B -> erank) and refuses to guess otherwise: a "
+            "reranker fed another family's prompt scores near random.",
+        )
+    )
+    llm_max_new_tokens: int = Field(
+        1024,
+        ge=4,
+        description="ERank only: most tokens the model may reason for before its answer; each counts in "
+        "--max-batch-tokens like a prompt token. Lower is faster, but an answer cut off scores 0.0 (the "
+        "card's vLLM example allows 4096).",
+    )
+    llm_forced_answer: bool = Field(
+        False,
+        description="ERank only: skip the reasoning: the prompt ends with an empty think block and "
+        "'<answer>', and the digits are read from at most 6 generated tokens. Tens of times faster, but "
+        "off the distribution the model was trained on; its agreement with full reasoning is unmeasured on "
+        "real weights (docs/llm.md).",
+    )
+    llm_field_tokens: int = Field(
+        2048,
+        ge=1,
+        description="ERank only: the query and the document are each cut to this many tokens, as in the "
+        "model card's examples; the instruction never is. Longer keeps more text, costs more time.",
+    )
+    llm_engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="ERank generation engine. 'auto' uses vLLM (continuous batching, prefix caching) on "
+        "CUDA when the vllm package is installed, transformers elsewhere. The vLLM path is not tested in "
+        "this project's CI.",
     )
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -140,20 +175,23 @@ class Settings(BaseSettings):
     )
 
     # --- score fusion (docs/fusion.md) --------------------------------------------------------
-    fusion: Literal["auto", "none", "blend", "rrf"] = Field(
+    fusion: Literal["auto", "none", "blend", "rrf", "erank_hybrid"] = Field(
         "auto",
         description="Default score fusion for requests that name none. 'none' ranks by the reranker "
         "score; 'blend' mixes normalised reranker and first-stage scores (needs first_stage_score on "
         "every document, else the request gets no fusion); 'rrf' is reciprocal-rank fusion (hit order "
-        "when scores are absent). 'auto' reads fusion.json from a local model directory (the packaged model "
-        "ships one: blend alpha 0.7 min-max, chosen on SciFact train queries), else 'none'.",
+        "when scores are absent); 'erank_hybrid' is ERank's z-score hybrid (needs first-stage scores like "
+        "blend; --fusion-alpha is then the FIRST stage's weight, 0.2 in the paper). 'auto' reads fusion.json "
+        "from a local model directory (the packaged model ships one: blend alpha 0.7 min-max, chosen on "
+        "SciFact train queries), else 'none'.",
     )
     fusion_alpha: float = Field(
         0.5,
         ge=0,
         le=1,
         description="Blend weight of the reranker: 1 is pure reranker order, 0 pure first-stage order. "
-        "Used when --fusion is 'blend'.",
+        "Used when --fusion is 'blend'; with 'erank_hybrid' it weighs the first stage instead (the paper's "
+        "convention).",
     )
     fusion_normalization: Literal["minmax", "zscore"] = Field(
         "minmax",

@@ -142,6 +142,12 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per rerank call (default 120)")
     g.add_argument(
+        "--instruction",
+        default=None,
+        help="task instruction sent with every rerank request, for instruction-aware models (LLM "
+        "rerankers, docs/llm.md); the sidecar refuses it for models that take none",
+    )
+    g.add_argument(
         "--fusion",
         default="server",
         metavar="{server,none,rrf,blend,FILE}",
@@ -227,6 +233,8 @@ def _validate(args: argparse.Namespace) -> str | None:
             f"--depth {args.depth} is more than --hits {args.hits}: "
             "the rerank stage can only see first-stage hits"
         )
+    if args.instruction and args.api not in ("grpc", "http"):
+        return "--instruction needs --api grpc or http: only the sidecar's own API takes an instruction"
     if args.fusion != "server" and args.api not in ("grpc", "http"):
         return f"--fusion {args.fusion} needs --api grpc or http: only the sidecar's own API takes a fusion"
     return None
@@ -392,12 +400,14 @@ def _build_reranker(
         progress.update(task, completed=1)
         target, http_url = sc.grpc_target, sc.http_url
     if args.api == "grpc":
-        grpc_reranker = GrpcReranker(target, timeout=args.timeout, fusion=fusion)
+        grpc_reranker = GrpcReranker(
+            target, timeout=args.timeout, fusion=fusion, instruction=args.instruction
+        )
         stack.callback(grpc_reranker.close)
         if not local:
             grpc_reranker.wait_ready(timeout=60.0)
         return grpc_reranker, target
-    http_reranker = HttpReranker(http_url, timeout=args.timeout, fusion=fusion)
+    http_reranker = HttpReranker(http_url, timeout=args.timeout, fusion=fusion, instruction=args.instruction)
     stack.callback(http_reranker.close)
     return http_reranker, target
 

@@ -79,12 +79,20 @@ class GrpcReranker:
 
     name = "grpc"
 
-    def __init__(self, target: str, *, timeout: float = 30.0, fusion: FusionSpec | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        fusion: FusionSpec | None = None,
+        instruction: str | None = None,
+    ) -> None:
         from sidecar.client import RerankerClient
 
         self.target = target
         self.timeout = timeout
         self.fusion = fusion
+        self.instruction = instruction
         self.client = RerankerClient(target)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -101,7 +109,12 @@ class GrpcReranker:
         ]
         try:
             result = self.client.rerank(
-                query, documents, top_n=len(documents), timeout=self.timeout, fusion=self.fusion
+                query,
+                documents,
+                top_n=len(documents),
+                instruction=self.instruction,
+                timeout=self.timeout,
+                fusion=self.fusion,
             )
         except grpc.RpcError as exc:
             raise RerankError(f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
@@ -127,6 +140,8 @@ class GrpcReranker:
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = _describe_fusion({"api": "grpc", "target": self.target}, self.fusion)
+        if self.instruction:
+            d["instruction"] = self.instruction
         try:
             info = self.client.info(timeout=5.0)
         except Exception as exc:  # the report still renders; the failure is recorded instead of the model
@@ -165,7 +180,13 @@ class HttpReranker:
     name = "http"
 
     def __init__(
-        self, url: str, *, timeout: float = 30.0, path: str = "/v1/rerank", fusion: FusionSpec | None = None
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        path: str = "/v1/rerank",
+        fusion: FusionSpec | None = None,
+        instruction: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -175,6 +196,7 @@ class HttpReranker:
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self.timeout = timeout
         self.fusion = fusion
+        self.instruction = instruction
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._all_lock = threading.Lock()
@@ -215,6 +237,8 @@ class HttpReranker:
         request: dict[str, Any] = {"query": query, "documents": documents, "top_n": len(docs)}
         if self.fusion is not None:
             request["fusion"] = self.fusion.to_dict()
+        if self.instruction:
+            request["instruction"] = self.instruction
         try:
             status, payload = self._post(json.dumps(request).encode())
         except (OSError, http.client.HTTPException) as exc:

@@ -1,12 +1,15 @@
 """Cross-encoder backend: any HF sequence-classification reranker or sentence-transformers modular
-CrossEncoder (e.g. Ettin: ModernBERT, CLS pooling, Dense -> LayerNorm -> Dense head).
+CrossEncoder (e.g. Ettin: ModernBERT, CLS pooling, Dense -> LayerNorm -> Dense head), including causal-LM
+rerankers packaged for sentence-transformers >= 5.4 (chat template + LogitScore head, docs/llm.md).
 
 Loading and the module stack come from sentence-transformers, so scores follow `CrossEncoder.predict`
-semantics (the model's own activation function); batching, ordering and precision are ours.
+semantics (the model's own activation function); batching, ordering and precision are ours. For a
+LogitScore model the request's instruction is `predict`'s `prompt` (the chat template places it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,29 +36,74 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
             self.model.max_length, getattr(self.model[0], "config", None)
         )
         self.info = self._model_info(self.max_length)
+        self._chat = _is_chat_reranker(self.model)
+        if self._chat:
+            # The template's own tokens (system prompt, tags) count in the pair's length.
+            self._template_tokens = max(
+                0, self._chat_length("", "", None) - self._token_lengths([""], [""])[0]
+            )
+            self.info = dataclasses.replace(self.info, accepts_instruction=True)
 
     @staticmethod
     def _texts(pairs: Sequence[Pair]) -> list[tuple[str, str]]:
         # Instructions are prepended to the query, as sentence-transformers applies prompts.
         return [((p.instruction or "") + p.query, p.document) for p in pairs]
 
+    def _chat_length(self, query: str, document: str, instruction: str | None) -> int:
+        messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
+            {"role": "query", "content": query},
+            {"role": "document", "content": document},
+        ]
+        with self._measure_lock:
+            ids = self._measure_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+        return len(ids["input_ids"])
+
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
         # The model reads at most max_length tokens of the pair, so no more of the document matters.
         pairs, clipped = self._clip(pairs, self.max_length, longer_than_query=True)
-        texts = self._texts(pairs)
-        lengths = self._token_lengths([q for q, _ in texts], [d for _, d in texts])
+        if self._chat:
+            lengths = self._token_lengths([p.query for p in pairs], [p.document for p in pairs])
+            extra = {
+                i: self._chat_length("", "", i) - self._chat_length("", "", None)
+                for i in {p.instruction for p in pairs}
+            }
+            lengths = [
+                n + self._template_tokens + extra[p.instruction] for n, p in zip(lengths, pairs, strict=True)
+            ]
+        else:
+            texts = self._texts(pairs)
+            lengths = self._token_lengths([q for q, _ in texts], [d for _, d in texts])
         return [
             Measure(min(n, self.max_length), n > self.max_length, c)
             for n, c in zip(lengths, clipped, strict=True)
         ]
 
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+        if not self._chat:
+            return self._forward(self._texts(pairs), None)
+        # One prompt per preprocess call: pairs are grouped by instruction.
+        out = np.empty(len(pairs), dtype=np.float32)
+        for instruction in dict.fromkeys(p.instruction for p in pairs):
+            rows = [i for i, p in enumerate(pairs) if p.instruction == instruction]
+            out[rows] = self._forward([(pairs[i].query, pairs[i].document) for i in rows], instruction)
+        return out
+
+    def _forward(self, texts: list[tuple[str, str]], prompt: str | None) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            features = self.model.preprocess(self._texts(pairs))
+            features = self.model.preprocess(texts, prompt=prompt) if prompt else self.model.preprocess(texts)
             out = self.model(to_device(features, self._device))
             scores = out["scores"].float()
             if self.model.activation_fn is not None:
                 scores = self.model.activation_fn(scores)
             return scores.reshape(-1).cpu().numpy().astype(np.float32)
+
+
+def _is_chat_reranker(model: object) -> bool:
+    """A causal LM read through a LogitScore head (sentence-transformers >= 5.4)."""
+    try:
+        from sentence_transformers.cross_encoder.modules import LogitScore
+    except ImportError:  # older sentence-transformers: no such models load anyway
+        return False
+    return any(isinstance(m, LogitScore) for m in model)  # type: ignore[attr-defined]

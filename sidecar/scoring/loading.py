@@ -63,7 +63,11 @@ def _content_revision(path: Path) -> str:
 
 
 def detect_backend(source: ModelSource) -> str:
-    """'cross-encoder' or 'bi-encoder', from the model's own configuration files."""
+    """'cross-encoder', 'bi-encoder' or 'causal-lm', from the model's own configuration files.
+
+    A sentence-transformers CrossEncoder config wins (its own modules, e.g. a causal LM with a LogitScore
+    head, are then the reference); a bare *ForCausalLM checkpoint is an LLM reranker.
+    """
     st_cfg = _read_config(source, "config_sentence_transformers.json")
     if st_cfg.get("model_type") == "CrossEncoder":
         return "cross-encoder"
@@ -72,7 +76,24 @@ def detect_backend(source: ModelSource) -> str:
     archs = _read_config(source, "config.json").get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "cross-encoder"
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal-lm"
     return "bi-encoder"
+
+
+def detect_llm_family(source: ModelSource, settings: Settings) -> str:
+    """The causal-LM family: --llm-family, else what the model's name announces; refuses to guess."""
+    from sidecar.scoring.prompts import FAMILIES, guess_family
+
+    if settings.llm_family != "auto":
+        return settings.llm_family
+    family = guess_family(source.path_or_id)
+    if family is None:
+        raise ModelLoadError(
+            f"{source.model_id} is a causal language model, but its name does not say which reranker prompt "
+            f"it was trained with: pass --llm-family ({', '.join(FAMILIES)})"
+        )
+    return family
 
 
 def _read_config(source: ModelSource, name: str) -> dict:
@@ -187,6 +208,10 @@ def _load(source: ModelSource, settings: Settings) -> Scorer:
         placement.dtype,
         placement.attention,
     )
+    if backend == "causal-lm":
+        from sidecar.scoring.causal_lm import CausalLMScorer
+
+        return CausalLMScorer(source, placement, settings, detect_llm_family(source, settings))
     if backend == "cross-encoder":
         from sidecar.scoring.cross_encoder import CrossEncoderScorer
 

@@ -13,6 +13,7 @@ class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FUSION_METHOD_NONE: _ClassVar[FusionMethod]
     FUSION_METHOD_BLEND: _ClassVar[FusionMethod]
     FUSION_METHOD_RRF: _ClassVar[FusionMethod]
+    FUSION_METHOD_ERANK_HYBRID: _ClassVar[FusionMethod]
 
 class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ FUSION_METHOD_UNSPECIFIED: FusionMethod
 FUSION_METHOD_NONE: FusionMethod
 FUSION_METHOD_BLEND: FusionMethod
 FUSION_METHOD_RRF: FusionMethod
+FUSION_METHOD_ERANK_HYBRID: FusionMethod
 NORMALIZATION_UNSPECIFIED: Normalization
 NORMALIZATION_MIN_MAX: Normalization
 NORMALIZATION_Z_SCORE: Normalization
