@@ -126,7 +126,9 @@ def _rerank(args: argparse.Namespace) -> int:
 
     with RerankerClient(args.target) as client:
         try:
-            result = client.rerank(args.query, args.doc, top_n=args.top_n, timeout=args.timeout)
+            result = client.rerank(
+                args.query, args.doc, top_n=args.top_n, instruction=args.instruction, timeout=args.timeout
+            )
         except grpc.RpcError as exc:
             raise _rpc_error(args.target, exc) from None
     t = result.timings
@@ -194,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True)
     p.add_argument("--doc", action="append", required=True, help="a document (repeat the flag)")
     p.add_argument("--top-n", type=int, default=None)
+    p.add_argument(
+        "--instruction",
+        default=None,
+        help="task instruction (instruction-aware models only, e.g. LLM rerankers)",
+    )
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=_rerank)
 

@@ -118,3 +118,13 @@ def test_a_model_name_that_cannot_load_fails_within_seconds(hub: str, request: p
         assert "the hub has no such model" in errors[0] and "check the spelling" in errors[0]
     else:
         assert "cannot be reached" in errors[0] and "--model DIR" in errors[0]
+
+
+def test_a_refused_request_is_one_line_with_its_status(
+    bert_scorer: Scorer, server_factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv = server_factory(scorer=bert_scorer)
+    argv = ["rerank", "--target", srv.target, "--query", "q", "--doc", "a", "--instruction", "be strict"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "answered INVALID_ARGUMENT" in err[0] and "instruction" in err[0]
