@@ -5,9 +5,11 @@ corpus, and search through a pipeline. opensearch-py is imported inside the hand
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,11 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--timeout", type=float, default=60.0, help="request timeout in seconds (default %(default)s)"
+    )
+    g.add_argument(
+        "--log-level",
+        default=_env("RERANK_LOG_LEVEL", "INFO"),
+        help="DEBUG shows tracebacks and every HTTP call (env RERANK_LOG_LEVEL; default %(default)s)",
     )
 
 
@@ -159,6 +166,34 @@ def _client(args: argparse.Namespace) -> Any:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a handler that talks to a cluster; an error the user can fix (cluster down, no such index or
+    pipeline, refused credentials) becomes one line and exit 2. --log-level DEBUG keeps the traceback."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        import logging
+
+        from sidecar.opensearch.connection import cluster_error_line
+
+        debug = str(getattr(args, "log_level", "INFO")).upper() == "DEBUG"
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+        if not debug:
+            # opensearch-py logs every failed call at WARNING with its traceback; the one line says it all.
+            logging.getLogger("opensearch").setLevel(logging.CRITICAL)
+        try:
+            return handler(args)
+        except Exception as exc:
+            line = cluster_error_line(
+                exc, args.url, index=getattr(args, "index", None), pipeline=getattr(args, "pipeline", None)
+            )
+            if line is None or debug:
+                raise
+            return _fail(line)
+
+    return run
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -324,13 +359,13 @@ def register(subparsers: Any) -> None:
         action="store_false",
         help="skip the _predict call that proves OpenSearch reaches the sidecar",
     )
-    p.set_defaults(func=_install)
+    p.set_defaults(func=_guarded(_install))
 
     p = sub.add_parser("uninstall", help="remove the pipelines, models, connectors and the endpoint setting")
     _add_connection(p)
     _add_plugin_config(p)
     p.add_argument("--skip-settings", action="store_true", help="leave cluster settings alone")
-    p.set_defaults(func=_uninstall)
+    p.set_defaults(func=_guarded(_uninstall))
 
     p = sub.add_parser("render", help="print (or write) every request body install would send")
     _add_plugin_config(p, with_version=True)
@@ -350,7 +385,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--knn-field", default="embedding", help="knn_vector field name (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="documents per bulk request")
-    p.set_defaults(func=_index)
+    p.set_defaults(func=_guarded(_index))
 
     p = sub.add_parser("search", help="BM25 search, optionally through a pipeline, and print the hits")
     _add_connection(p)
@@ -359,4 +394,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--query", required=True)
     p.add_argument("--pipeline", default=None, help="search pipeline name (omit for plain BM25)")
     p.add_argument("--size", type=int, default=10)
-    p.set_defaults(func=_search)
+    p.set_defaults(func=_guarded(_search))

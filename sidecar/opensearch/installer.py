@@ -130,8 +130,8 @@ class Installer:
 
         try:
             return self._req(method, path, body, params)
-        except OSConnectionError as exc:
-            raise InstallError(f"cannot connect to OpenSearch for {doing or path}: {exc}") from exc
+        except OSConnectionError:
+            raise  # the CLI turns it into one line (connection.cluster_error_line)
         except TransportError as exc:
             status = _status(exc)
             if missing_ok and status == 404:
