@@ -322,6 +322,36 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> int:
+    from sidecar.opensearch import node
+
+    home = Path(args.home).expanduser() if args.home else None
+    try:
+        if args.node_command == "start":
+            t = node.start(args.version, args.port, args.heap, home, args.timeout, log=_log_line)
+            if "start_s" in t:
+                print(
+                    f"download {t['download_s']} s, assemble {t['assemble_s']} s, start {t['start_s']} s; "
+                    f"node in {t['home']}; stop it with `rerank-sidecar opensearch node stop`"
+                )
+            return 0
+        if args.node_command == "stop":
+            node.stop(args.version, home, log=_log_line)
+            return 0
+        got = node.health(args.port)
+        if got is None:
+            print(f"no OpenSearch answers on 127.0.0.1:{args.port}")
+            return 1
+        print(f"OpenSearch on 127.0.0.1:{args.port}: {got.get('status')} ({got.get('number_of_nodes')} node)")
+        return 0
+    except node.NodeError as exc:
+        return _fail(str(exc))
+
+
+def _log_line(text: str) -> None:
+    print(text, flush=True)
+
+
 def register(subparsers: Any) -> None:
     """Add `opensearch` with its sub-commands to the top-level CLI."""
     top = subparsers.add_parser(
@@ -395,3 +425,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pipeline", default=None, help="search pipeline name (omit for plain BM25)")
     p.add_argument("--size", type=int, default=10)
     p.set_defaults(func=_guarded(_search))
+
+    from sidecar.opensearch.node import DEFAULT_HEAP, DEFAULT_PORT, DEFAULT_VERSION, RELEASES
+
+    p = sub.add_parser(
+        "node",
+        help="start / stop a local OpenSearch with ml-commons, k-NN and neural-search (needs Java and Maven)",
+        description="A single-node OpenSearch on 127.0.0.1, security off, built from published Maven "
+        "artifacts cached in ~/.cache/rerank-sidecar/opensearch (RERANK_CACHE_DIR moves it).",
+    )
+    p.add_argument("node_command", choices=("start", "stop", "status"))
+    p.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(RELEASES), help="default %(default)s")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    p.add_argument("--heap", default=DEFAULT_HEAP, help="JVM heap, -Xms and -Xmx (default %(default)s)")
+    p.add_argument("--home", default=None, help="where the node is assembled and keeps its data")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for green (default %(default)s)"
+    )
+    p.set_defaults(func=_node)
