@@ -8,6 +8,7 @@ name first, so a second run updates and never duplicates. uninstall removes the 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -310,6 +311,33 @@ class Installer:
                 raise InstallError(f"model {model_id} is still deployed after {self.deploy_timeout_s:.0f}s")
             time.sleep(self.poll_s)
 
+    def _delete_connector(self, cid: str, name: str, report: Report) -> None:
+        """DELETE a connector. ml-commons 2.19 looks for "models still using this connector" with a match
+        query on the analysed connector_id: a just-deleted model (until the model index refreshes) and any
+        model of another connector whose id shares a token both block it. The first passes in a moment;
+        the second is left in place with a note, since those models are not ours to delete."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self._try(
+                    "DELETE", f"{ML}/connectors/{cid}", missing_ok=True, doing=f"deleting connector {name}"
+                )
+                report.add(Step("connector", name, "deleted", cid))
+                return
+            except InstallError as exc:
+                blocking = _blocking_models(str(exc))
+                if not blocking:
+                    raise
+                if time.monotonic() > deadline:
+                    report.add(Step("connector", name, "left in place", cid))
+                    report.notes.append(
+                        f"ml-commons refused to delete connector {name} ({cid}) because models "
+                        f"{', '.join(blocking)} match its id as text although they use other connectors; "
+                        f"delete it once they are gone: DELETE {ML}/connectors/{cid}"
+                    )
+                    return
+                time.sleep(self.poll_s)
+
     # ---- install steps --------------------------------------------------------------------------
     def ensure_model_group(self, report: Report) -> str:
         name = T.model_group_name(self.cfg)
@@ -335,7 +363,7 @@ class Installer:
             report.add(Step("connector", name, "created", got["connector_id"]))
             return str(got["connector_id"])
         cid = str(found[0]["_id"])
-        if _contains(found[0]["_source"], want):
+        if _contains(found[0]["_source"], _as_stored(want)):
             report.add(Step("connector", name, "unchanged", cid))
             return cid
         # ml-commons refuses to update a connector a deployed model uses (UpdateConnectorTransportAction).
@@ -347,7 +375,18 @@ class Installer:
         for mid in users:
             self._undeploy(mid)
         update = {k: v for k, v in want.items() if k != "name"}
-        self._try("PUT", f"{ML}/connectors/{cid}", update, doing=f"updating connector {name}")
+        try:
+            self._try("PUT", f"{ML}/connectors/{cid}", update, doing=f"updating connector {name}")
+        except InstallError as exc:
+            # ml-commons 2.19 finds "models using this connector" with a match query on the analysed
+            # connector_id, so a model of another connector whose id shares a token blocks the update.
+            others = _blocking_models(str(exc))
+            if not others:
+                raise
+            for mid in others:
+                self._undeploy(mid)
+            users += [m for m in others if m not in users]
+            self._try("PUT", f"{ML}/connectors/{cid}", update, doing=f"updating connector {name}")
         for mid in users:
             self._deploy(mid)
         report.add(Step("connector", name, "updated", cid))
@@ -513,6 +552,8 @@ class Installer:
                 "DELETE", f"/_search/pipeline/{name}", missing_ok=True, doing=f"deleting pipeline {name}"
             )
             report.add(Step("search pipeline", name, "deleted" if gone is not None else "absent"))
+        # Every model before any connector: ml-commons' "models still using this connector" check matches
+        # connector ids as analysed text, so another kind's model can block a connector's deletion.
         for kind in kinds:
             name = T.model_name(self.cfg, kind)
             models = self._find("models", name)
@@ -524,16 +565,11 @@ class Installer:
                 report.add(Step("model", name, "deleted", hit["_id"]))
             if not models:
                 report.add(Step("model", name, "absent"))
+        for kind in kinds:
             cname = T.connector_name(self.cfg, kind)
             connectors = self._find("connectors", cname)
             for hit in connectors:
-                self._try(
-                    "DELETE",
-                    f"{ML}/connectors/{hit['_id']}",
-                    missing_ok=True,
-                    doing=f"deleting connector {cname}",
-                )
-                report.add(Step("connector", cname, "deleted", hit["_id"]))
+                self._delete_connector(str(hit["_id"]), cname, report)
             if not connectors:
                 report.add(Step("connector", cname, "absent"))
         group = T.model_group_name(self.cfg)
@@ -561,6 +597,22 @@ class Installer:
         if settings:
             self.remove_settings(report)
         return report
+
+
+def _blocking_models(message: str) -> list[str]:
+    """Model ids from ml-commons' "N models are still using this connector ...: [id, id]"."""
+    if "still using this connector" not in message:
+        return []
+    m = re.search(r"\[([^\]]*)\]", message)
+    return [x.strip() for x in m.group(1).split(",") if x.strip()] if m else []
+
+
+def _as_stored(connector: dict[str, Any]) -> dict[str, Any]:
+    """A connector body as ml-commons returns it: reads strip `credential` and `action_type` is upper-case.
+    Comparing anything else would make every re-run update the connector and redeploy its models."""
+    out = {k: v for k, v in connector.items() if k != "credential"}
+    out["actions"] = [{**a, "action_type": str(a["action_type"]).upper()} for a in connector["actions"]]
+    return out
 
 
 def _contains(have: Any, want: Any) -> bool:

@@ -29,6 +29,9 @@ MIN_VERSION = (2, 19, 0)
 # `rerank.by_field.previous_score_field` exists from neural-search 3.8 (ByFieldRerankProcessor).
 PREVIOUS_SCORE_FIELD_VERSION = (3, 8, 0)
 
+# The one credential entry every connector carries (see connector_body).
+CREDENTIAL_KEY = "sidecar_token"
+
 # Placeholders in rendered files; the installer substitutes real ids.
 CONNECTOR_ID = "<connector_id>"
 MODEL_ID = "<model_id>"
@@ -236,6 +239,9 @@ def connector_body(cfg: PluginConfig, kind: Kind) -> dict[str, Any]:
             "max_retry_times": cfg.max_retry_times,
         },
         "actions": [action],
+        # ml-commons refuses a connector without a non-empty credential map (MLCreateConnectorInput, 2.19 and
+        # 3.x); the sidecar takes none, so this placeholder is never sent. Connector reads strip it.
+        "credential": {CREDENTIAL_KEY: "unused"},
     }
 
 
