@@ -115,6 +115,12 @@ def cluster_error_line(
         )
     if status is not None and 400 <= status < 500:
         return f"OpenSearch at {url} rejected the request ({status} {kind}: {reason})"
+    if status is not None and pipeline:
+        return (
+            f"the search failed in pipeline {pipeline!r} on {url} ({status} {kind}: {reason}): check that "
+            "the sidecar runs and that the OpenSearch nodes reach it (`rerank-sidecar opensearch install` "
+            "smoke-tests that path)"
+        )
     return None
 
 

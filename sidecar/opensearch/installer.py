@@ -440,9 +440,11 @@ class Installer:
         report.add(Step("smoke test", kind, "ok", " ".join(f"{s:.4f}" for s in scores)))
         return scores
 
-    def put_pipeline(self, kind: T.Kind, model_id: str, report: Report) -> str:
-        name = T.pipeline_name(self.cfg, kind)
-        body = T.pipeline_body(self.cfg, kind, model_id)
+    def put_pipeline(self, kind: T.Kind, model_id: str, report: Report, default: bool = False) -> str:
+        """The search pipeline of `kind`; `default`: the variant for index.search.default_pipeline."""
+        cfg = T.default_pipeline_config(self.cfg) if default else self.cfg
+        name = T.default_pipeline_name(self.cfg, kind) if default else T.pipeline_name(self.cfg, kind)
+        body = T.pipeline_body(cfg, kind, model_id)
         existing = self._try(
             "GET", f"/_search/pipeline/{name}", missing_ok=True, doing=f"reading pipeline {name}"
         )
@@ -500,6 +502,13 @@ class Installer:
             raise InstallError("--default-pipeline needs --index")
         report = Report(version=self.preflight())
         self.cfg = self.cfg.with_version(report.version)
+        dotted = [f for f in self.cfg.fields if "." in f]
+        if "rerank" in kinds and dotted and self.cfg.version < T.DOTTED_FIELDS_VERSION:
+            raise InstallError(
+                f"neural-search {report.version} gives the rerank processor only top-level fields: "
+                f"{', '.join(dotted)} would reach the sidecar as empty text; index a top-level copy of it "
+                "or use the by_field path (--paths by_field --scores-field FIELD), which reads dotted paths"
+            )
         if settings:
             self.apply_settings(report, private_ip)
         group = self.ensure_model_group(report)
@@ -519,7 +528,14 @@ class Installer:
         if index:
             self.check_index(index, report)
         if index and default_pipeline:
-            self.set_default_pipeline(index, report.pipelines[default_pipeline], report)
+            name = self.put_pipeline(
+                default_pipeline, report.model_ids[default_pipeline], report, default=True
+            )
+            self.set_default_pipeline(index, name, report)
+            report.notes.append(
+                f"the default pipeline {name} ignores reranker failures so counts, aggregations and searches "
+                "without ext pass through; a sidecar outage then gives first-stage order unmarked"
+            )
         return report
 
     # ---- uninstall ------------------------------------------------------------------------------
@@ -527,7 +543,9 @@ class Installer:
         kinds = tuple(kinds)
         info = self._try("GET", "/", doing="reading the cluster version")
         report = Report(version=str(info.get("version", {}).get("number", "")))
-        names = {T.pipeline_name(self.cfg, k) for k in kinds}
+        names = {T.pipeline_name(self.cfg, k) for k in kinds} | {
+            T.default_pipeline_name(self.cfg, k) for k in kinds
+        }
         defaults = (
             self._try(
                 "GET",

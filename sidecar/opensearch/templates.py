@@ -29,6 +29,9 @@ MIN_VERSION = (2, 19, 0)
 # `rerank.by_field.previous_score_field` exists from neural-search 3.8 (ByFieldRerankProcessor).
 PREVIOUS_SCORE_FIELD_VERSION = (3, 8, 0)
 
+# neural-search's DocumentContextSourceFetcher reads only top-level _source keys up to 3.5.
+DOTTED_FIELDS_VERSION = (3, 6, 0)
+
 # The one credential entry every connector carries (see connector_body).
 CREDENTIAL_KEY = "sidecar_token"
 
@@ -127,6 +130,21 @@ def model_group_name(cfg: PluginConfig) -> str:
 
 def pipeline_name(cfg: PluginConfig, kind: Kind) -> str:
     return cfg.name if kind == "rerank" else f"{cfg.name}-by-field"
+
+
+def default_pipeline_name(cfg: PluginConfig, kind: Kind) -> str:
+    """The variant an index gets as `index.search.default_pipeline` (see default_pipeline_config)."""
+    return pipeline_name(cfg, kind) + "-default"
+
+
+def default_pipeline_config(cfg: PluginConfig) -> PluginConfig:
+    """A default pipeline also runs for searches that are not reranking requests: counts, aggregations
+    (size 0), pages past the last hit, searches without `ext`. On those the 2.19 processors throw (rerank:
+    NullPointerException without ext.rerank, "No text documents were provided" on an empty page; ml_inference:
+    missing input without ext.ml_inference; by_field: hits[0] of an empty page) and the whole search fails,
+    _count included. With ignore_failure they pass through untouched; the price is that a sidecar outage
+    then returns first-stage order on reranking searches too, with nothing marking it."""
+    return replace(cfg, ignore_failure=True)
 
 
 # ---- versions ---------------------------------------------------------------------------------
