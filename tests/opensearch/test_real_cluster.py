@@ -171,6 +171,47 @@ def test_a_bm25_search_through_the_pipeline_is_the_sidecars_ranking(
             assert cfg.target_field not in h["_source"]
 
 
+AWKWARD = 'white "matter" \\ newborn\tbrain — ünïcode / 新生儿 {"json": [1]}'
+
+
+@pytest.mark.parametrize("kind", T.KINDS)
+def test_awkward_query_text_survives_both_paths(
+    client: Any, installed: tuple[Installer, Any], index: str, sidecar_url: str, kind: T.Kind
+) -> None:
+    """Quotes, backslashes, tabs, non-ASCII and JSON-looking text cross ml-commons' escaping intact: the
+    ranking equals the sidecar's ranking for the very same query string."""
+    cfg = installed[0].cfg
+    match = {"match": {"passage": "white matter newborn brain"}}
+    plain = client.search(index=index, body={"size": 10, "query": match})["hits"]["hits"]
+    body = {**T.search_body(cfg, kind, AWKWARD, size=10), "query": match}
+    hits = through(client, index, cfg, kind, body)["hits"]["hits"]
+    ids, texts = [h["_id"] for h in plain], [h["_source"]["passage"] for h in plain]
+    assert [h["_id"] for h in hits] == sidecar_order(sidecar_url, AWKWARD, ids, texts)
+
+
+def test_an_untrusted_endpoint_explains_the_setting(client: Any, cfg: T.PluginConfig) -> None:
+    other = dataclasses.replace(cfg, name=NAME + "-untrusted", sidecar_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(InstallError) as err:
+        Installer(client, other, log=lambda _: None).install(kinds=("rerank",), settings=False)
+    assert T.TRUSTED_ENDPOINTS in str(err.value)
+
+
+def test_an_unreachable_sidecar_fails_the_smoke_test_with_where_the_url_is_resolved(
+    client: Any, cfg: T.PluginConfig
+) -> None:
+    other = dataclasses.replace(
+        cfg, name=NAME + "-unreachable", sidecar_url=f"http://127.0.0.1:{free_port()}"
+    )
+    installer = Installer(client, other, log=lambda _: None)
+    try:
+        with pytest.raises(InstallError) as err:
+            installer.install(kinds=("rerank",))
+        assert "cannot reach the sidecar" in str(err.value)
+        assert "resolved on the OpenSearch nodes" in str(err.value)
+    finally:
+        installer.uninstall(kinds=("rerank",))
+
+
 @pytest.fixture(scope="module")
 def knn_index(client: Any) -> Iterator[str]:
     index_beir_corpus(client, KNN_INDEX, SCIFACT, limit=300, recreate=True, knn_dim=DIM, embed=embed)
