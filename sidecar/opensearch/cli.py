@@ -336,7 +336,7 @@ def _node(args: argparse.Namespace) -> int:
                 )
             return 0
         if args.node_command == "stop":
-            node.stop(args.version, home, log=_log_line)
+            node.stop(args.version, home, log=_log_line, port=args.port)
             return 0
         got = node.health(args.port)
         if got is None:

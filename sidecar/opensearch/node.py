@@ -104,12 +104,12 @@ def cache_root() -> Path:
     return cache_dir() / "opensearch"
 
 
-def default_home(version: str) -> Path:
-    """Where the node is assembled and keeps its data: the user cache, or a directory the node user owns
-    when running as root (root's home is closed to that user)."""
+def default_home(version: str, port: int = DEFAULT_PORT) -> Path:
+    """Where the node of this version and port is assembled and keeps its data: the user cache, or a folder
+    the node user owns when running as root (root's home and pytest's temporary folders are closed to it)."""
     if os.geteuid() == 0:
-        return ROOT_HOME / version
-    return cache_root() / f"node-{version}"
+        return ROOT_HOME / f"{version}-{port}"
+    return cache_root() / f"node-{version}-{port}"
 
 
 # ---- Java -------------------------------------------------------------------------------------
@@ -468,7 +468,7 @@ def start(
         raise NodeError(
             f"OpenSearch {version} is not one this command can build; choose from {sorted(RELEASES)}"
         )
-    home = home or default_home(version)
+    home = home or default_home(version, port)
     got = health(port)
     if got is not None:
         log(f"OpenSearch already answers on 127.0.0.1:{port} (status {got.get('status')})")
@@ -504,12 +504,15 @@ def start(
     if r.returncode != 0:
         raise NodeError(f"OpenSearch did not start (exit {r.returncode}): {_log_tail(home)}")
     progress = Progress(log)
+    seen_pid = False  # the node writes its pid file early in bootstrap, seconds after the launcher returns
     while True:
         got = health(port)
         if got is not None and got.get("status") == "green":
             break
         waited = time.monotonic() - t1
-        if _running_pid(home) is None and waited > 5:
+        alive = _running_pid(home) is not None
+        seen_pid = seen_pid or alive
+        if (seen_pid and not alive) or (not seen_pid and waited > 60):
             raise NodeError(f"OpenSearch exited while starting: {_log_tail(home)} (logs in {home / 'logs'})")
         if waited > timeout_s:
             raise NodeError(f"OpenSearch was not green after {timeout_s:.0f} s: {_log_tail(home)}")
@@ -527,10 +530,14 @@ def start(
 
 
 def stop(
-    version: str = DEFAULT_VERSION, home: Path | None = None, timeout_s: float = 60.0, log: Log = print
+    version: str = DEFAULT_VERSION,
+    home: Path | None = None,
+    timeout_s: float = 60.0,
+    log: Log = print,
+    port: int = DEFAULT_PORT,
 ) -> bool:
     """SIGTERM the node started from `home` and wait for it to exit; False when none was running."""
-    home = home or default_home(version)
+    home = home or default_home(version, port)
     pid = _running_pid(home)
     if pid is None:
         log("no OpenSearch node started by this command is running")

@@ -101,7 +101,7 @@ START_ENV = "RERANK_OPENSEARCH_START"
 
 
 @pytest.fixture(scope="session")
-def opensearch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def opensearch_url() -> Iterator[str]:
     """OPENSEARCH_URL when set; else, with RERANK_OPENSEARCH_START=1 (or RERANK_REQUIRE_OPENSEARCH=1), a node
     started by the project's own `rerank-sidecar opensearch node start` on a free port and stopped after."""
     import os
@@ -120,9 +120,8 @@ def opensearch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from sidecar.launch import free_port
 
     port = free_port()
-    home = ["--home", str(tmp_path_factory.mktemp("opensearch-node"))]
     cmd = [sys.executable, "-m", "sidecar", "opensearch", "node"]
-    args = ["--port", str(port), *home]
+    args = ["--port", str(port)]
     started = subprocess.run([*cmd, "start", *args], capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
         pytest.fail(f"`rerank-sidecar opensearch node start` failed: {started.stderr.strip()[-500:]}")
