@@ -352,10 +352,13 @@ SMOKE_DOCS = ["Bananas are rich in potassium.", "A reranker reorders search resu
 def smoke_request(kind: Kind, model_id: str = MODEL_ID) -> tuple[str, str, dict[str, Any]]:
     """(method, path, body) that exercises the deployed model end to end through its connector."""
     if kind == "rerank":
+        # Not /_predict/text_similarity/: on 2.19 that REST path is refused when
+        # plugins.ml_commons.local_model.enabled is false (usual where only remote models run). The
+        # parameters the rerank pre-process would produce go through the same connector and post-process.
         return (
             "POST",
-            f"/_plugins/_ml/_predict/text_similarity/{model_id}",
-            {"query_text": SMOKE_QUERY, "text_docs": list(SMOKE_DOCS)},
+            f"/_plugins/_ml/models/{model_id}/_predict",
+            {"parameters": {"query": SMOKE_QUERY, "documents": list(SMOKE_DOCS), "top_n": len(SMOKE_DOCS)}},
         )
     return (
         "POST",

@@ -134,6 +134,19 @@ def test_a_second_install_is_a_no_op(client: Any, installed: tuple[Installer, An
         assert len(installer._find("models", T.model_name(installer.cfg, kind))) == 1
 
 
+def test_the_smoke_test_works_with_local_models_disabled(client: Any, cfg: T.PluginConfig) -> None:
+    """Remote-only clusters disable local models; 2.19 then refuses /_predict/text_similarity/."""
+    key = "plugins.ml_commons.local_model.enabled"
+    installer = Installer(client, dataclasses.replace(cfg, name=NAME + "-remote-only"), log=lambda _: None)
+    client.cluster.put_settings(body={"persistent": {key: False}})
+    try:
+        report = installer.install(kinds=("rerank", "by_field"), settings=False)
+        assert {s.name for s in report.steps if s.what == "smoke test" and s.action == "ok"} == set(T.KINDS)
+    finally:
+        client.cluster.put_settings(body={"persistent": {key: None}})
+        installer.uninstall(settings=False)
+
+
 def test_uninstall_removes_exactly_what_install_created(client: Any, cfg: T.PluginConfig, index: str) -> None:
     other = dataclasses.replace(cfg, name=NAME + "-own")
     installer = Installer(client, other, log=lambda _: None)
