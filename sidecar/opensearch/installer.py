@@ -112,6 +112,8 @@ class Installer:
         self.log = log
         self.deploy_timeout_s = deploy_timeout_s
         self.poll_s = poll_s
+        # Set by apply_settings when a changed setting only reaches models through a redeploy.
+        self.redeploy = False
 
     # ---- transport ------------------------------------------------------------------------------
     def _req(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
@@ -225,6 +227,12 @@ class Installer:
             body["transient"] = {T.TRUSTED_ENDPOINTS: body["persistent"][T.TRUSTED_ENDPOINTS]}
         if changed:
             self._try("PUT", "/_cluster/settings", body, doing="updating cluster settings")
+            # From 3.4 ml-commons copies private_ip_enabled (and from 3.8 the trusted-endpoint regex) into a
+            # remote model when it deploys: a model deployed before the change keeps refusing the sidecar.
+            ip_changed = T.PRIVATE_IP in body["persistent"]
+            self.redeploy = (ip_changed and self.cfg.version >= T.PRIVATE_IP_COPIED_VERSION) or (
+                ours not in regexes and self.cfg.version >= T.REGEX_COPIED_VERSION
+            )
         report.add(Step("cluster settings", ours, "updated" if changed else "unchanged"))
 
     def remove_settings(self, report: Report) -> None:
@@ -397,6 +405,11 @@ class Installer:
         for hit in self._find("models", name):
             old = str(hit["_id"])
             if hit["_source"].get("connector_id") == connector_id:
+                if self.redeploy and self._model_state(old) in DEPLOYED_STATES:
+                    self._undeploy(old)
+                    self._deploy(old)
+                    report.add(Step("model", name, "redeployed", old))
+                    return old
                 action = "deployed" if self._deploy(old) else "unchanged"
                 report.add(Step("model", name, action, old))
                 return old

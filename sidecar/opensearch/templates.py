@@ -29,6 +29,10 @@ MIN_VERSION = (2, 19, 0)
 # `rerank.by_field.previous_score_field` exists from neural-search 3.8 (ByFieldRerankProcessor).
 PREVIOUS_SCORE_FIELD_VERSION = (3, 8, 0)
 
+# ml-commons copies these settings into a remote model at deploy time from these versions on.
+PRIVATE_IP_COPIED_VERSION = (3, 4, 0)
+REGEX_COPIED_VERSION = (3, 8, 0)
+
 # neural-search's DocumentContextSourceFetcher reads only top-level _source keys up to 3.5.
 DOTTED_FIELDS_VERSION = (3, 6, 0)
 
