@@ -86,10 +86,12 @@ class OpenSearchFirstStage:
 
 
 class OpenSearchPipelineReranker:
-    """Reranks inside the cluster: the same search, sent through a search pipeline with a `rerank` processor.
+    """Reranks inside the cluster: the same search, sent through a search pipeline (either path the installer
+    makes: `rerank` with ml_opensearch, or ml_inference + rerank.by_field).
 
     The call's latency therefore includes the cluster's own first-stage search, as a user of the pipeline
-    would see it; the cluster returns the top `depth` hits in the pipeline's order.
+    would see it; the cluster returns the top `depth` hits in the pipeline's order. The cluster's `took`
+    (search and pipeline, without the HTTP round trip) is reported as the server time.
     """
 
     name = "opensearch-pipeline"
@@ -100,11 +102,18 @@ class OpenSearchPipelineReranker:
 
     def rerank(self, query: str, docs: Sequence[tuple[str, CorpusDoc, float]]) -> RerankOutput:
         body = self.stage.body(query, len(docs))
-        body["ext"] = {"rerank": {"query_context": {"query_text": query}}}
+        # Each path reads its own ext entry and ignores the other's, so one body serves both pipelines.
+        body["ext"] = {
+            "rerank": {"query_context": {"query_text": query}},
+            "ml_inference": {"query_text": query},
+        }
         response = self.stage.client.search(
             index=self.stage.index, body=body, params={"search_pipeline": self.pipeline}
         )
-        return RerankOutput(ranking=[(str(h["_id"]), float(h["_score"])) for h in response["hits"]["hits"]])
+        return RerankOutput(
+            ranking=[(str(h["_id"]), float(h["_score"])) for h in response["hits"]["hits"]],
+            server_total_seconds=float(response.get("took", 0)) / 1000.0,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"api": "opensearch-pipeline", "pipeline": self.pipeline, "url": self.stage.url}
