@@ -102,6 +102,9 @@ class OpenSearchPipelineReranker:
 
     def rerank(self, query: str, docs: Sequence[tuple[str, CorpusDoc, float]]) -> RerankOutput:
         body = self.stage.body(query, len(docs))
+        # The processors read the document text from each hit's _source: with `_source: false` (what the
+        # first stage asks for) the rerank path sees "" everywhere and silently keeps first-stage order.
+        body["_source"] = {"excludes": [self.stage.knn_field]}
         # Each path reads its own ext entry and ignores the other's, so one body serves both pipelines.
         body["ext"] = {
             "rerank": {"query_context": {"query_text": query}},
