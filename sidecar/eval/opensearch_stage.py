@@ -90,8 +90,7 @@ class OpenSearchPipelineReranker:
     makes: `rerank` with ml_opensearch, or ml_inference + rerank.by_field).
 
     The call's latency therefore includes the cluster's own first-stage search, as a user of the pipeline
-    would see it; the cluster returns the top `depth` hits in the pipeline's order. The cluster's `took`
-    (search and pipeline, without the HTTP round trip) is reported as the server time.
+    would see it; the cluster returns the top `depth` hits in the pipeline's order.
     """
 
     name = "opensearch-pipeline"
@@ -113,10 +112,9 @@ class OpenSearchPipelineReranker:
         response = self.stage.client.search(
             index=self.stage.index, body=body, params={"search_pipeline": self.pipeline}
         )
-        return RerankOutput(
-            ranking=[(str(h["_id"]), float(h["_score"])) for h in response["hits"]["hits"]],
-            server_total_seconds=float(response.get("took", 0)) / 1000.0,
-        )
+        # No server time: the cluster's `took` covers the search phase only, not the response processors
+        # (measured: p50 9 ms against 1.4 s for the whole call), so it is no measure of the rerank.
+        return RerankOutput(ranking=[(str(h["_id"]), float(h["_score"])) for h in response["hits"]["hits"]])
 
     def describe(self) -> dict[str, Any]:
         return {"api": "opensearch-pipeline", "pipeline": self.pipeline, "url": self.stage.url}
