@@ -429,3 +429,37 @@ def test_with_a_default_pipeline_counts_aggregations_and_empty_pages_still_work(
     finally:
         client.indices.put_settings(index=index, body={"index.search.default_pipeline": None})
         assert any(s.what == "default pipeline" for s in report.steps)
+
+
+# ---- the evaluator's OpenSearch stages ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", T.KINDS)
+def test_the_evaluator_replays_through_each_pipeline(
+    client: Any,
+    installed: tuple[Installer, Any],
+    index: str,
+    sidecar_url: str,
+    opensearch_url: str,
+    kind: T.Kind,
+) -> None:
+    """`replay --first-stage opensearch --api opensearch`: the reranked list of each query is the sidecar's
+    ranking of that query's first-stage hits (so the pipeline saw the real passages, not empty _source)."""
+    from sidecar.eval.datasets import load
+    from sidecar.eval.opensearch_stage import OpenSearchFirstStage, OpenSearchPipelineReranker
+    from sidecar.eval.replay import ReplayConfig, replay
+
+    dataset = load(SCIFACT)
+    stage = OpenSearchFirstStage(opensearch_url, index, fields=("passage",))
+    reranker = OpenSearchPipelineReranker(stage, T.pipeline_name(installed[0].cfg, kind))
+    qids = [q for q in dataset.query_ids() if stage.search(dataset.queries[q], 10)][:3]
+    try:
+        result = replay(dataset, qids, stage, reranker, ReplayConfig(hits=10, depth=10))
+    finally:
+        stage.close()
+    assert not result.rerank_errors
+    for qid in qids:
+        rec = result.records[qid]
+        assert rec.rerank is not None
+        ids = [h.doc_id for h in rec.first_stage[:10]]
+        texts = [client.get(index=index, id=i)["_source"]["passage"] for i in ids]
+        got = [d for d, _ in rec.rerank.ranking]
+        assert got == sidecar_order(sidecar_url, dataset.queries[qid], ids, texts)
