@@ -86,7 +86,8 @@ class OpenSearchFirstStage:
 
 
 class OpenSearchPipelineReranker:
-    """Reranks inside the cluster: the same search, sent through a search pipeline with a `rerank` processor.
+    """Reranks inside the cluster: the same search, sent through a search pipeline (either path the installer
+    makes: `rerank` with ml_opensearch, or ml_inference + rerank.by_field).
 
     The call's latency therefore includes the cluster's own first-stage search, as a user of the pipeline
     would see it; the cluster returns the top `depth` hits in the pipeline's order.
@@ -100,10 +101,19 @@ class OpenSearchPipelineReranker:
 
     def rerank(self, query: str, docs: Sequence[tuple[str, CorpusDoc, float]]) -> RerankOutput:
         body = self.stage.body(query, len(docs))
-        body["ext"] = {"rerank": {"query_context": {"query_text": query}}}
+        # The processors read the document text from each hit's _source: with `_source: false` (what the
+        # first stage asks for) the rerank path sees "" everywhere and silently keeps first-stage order.
+        body["_source"] = {"excludes": [self.stage.knn_field]}
+        # Each path reads its own ext entry and ignores the other's, so one body serves both pipelines.
+        body["ext"] = {
+            "rerank": {"query_context": {"query_text": query}},
+            "ml_inference": {"query_text": query},
+        }
         response = self.stage.client.search(
             index=self.stage.index, body=body, params={"search_pipeline": self.pipeline}
         )
+        # No server time: the cluster's `took` covers the search phase only, not the response processors
+        # (measured: p50 9 ms against 1.4 s for the whole call), so it is no measure of the rerank.
         return RerankOutput(ranking=[(str(h["_id"]), float(h["_score"])) for h in response["hits"]["hits"]])
 
     def describe(self) -> dict[str, Any]:

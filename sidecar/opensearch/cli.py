@@ -5,9 +5,11 @@ corpus, and search through a pipeline. opensearch-py is imported inside the hand
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,11 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--timeout", type=float, default=60.0, help="request timeout in seconds (default %(default)s)"
+    )
+    g.add_argument(
+        "--log-level",
+        default=_env("RERANK_LOG_LEVEL", "INFO"),
+        help="DEBUG shows tracebacks and every HTTP call (env RERANK_LOG_LEVEL; default %(default)s)",
     )
 
 
@@ -159,6 +166,34 @@ def _client(args: argparse.Namespace) -> Any:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a handler that talks to a cluster; an error the user can fix (cluster down, no such index or
+    pipeline, refused credentials) becomes one line and exit 2. --log-level DEBUG keeps the traceback."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        import logging
+
+        from sidecar.opensearch.connection import cluster_error_line
+
+        debug = str(getattr(args, "log_level", "INFO")).upper() == "DEBUG"
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+        if not debug:
+            # opensearch-py logs every failed call at WARNING with its traceback; the one line says it all.
+            logging.getLogger("opensearch").setLevel(logging.CRITICAL)
+        try:
+            return handler(args)
+        except Exception as exc:
+            line = cluster_error_line(
+                exc, args.url, index=getattr(args, "index", None), pipeline=getattr(args, "pipeline", None)
+            )
+            if line is None or debug:
+                raise
+            return _fail(line)
+
+    return run
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -287,6 +322,36 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> int:
+    from sidecar.opensearch import node
+
+    home = Path(args.home).expanduser() if args.home else None
+    try:
+        if args.node_command == "start":
+            t = node.start(args.version, args.port, args.heap, home, args.timeout, log=_log_line)
+            if "start_s" in t:
+                print(
+                    f"download {t['download_s']} s, assemble {t['assemble_s']} s, start {t['start_s']} s; "
+                    f"node in {t['home']}; stop it with `rerank-sidecar opensearch node stop`"
+                )
+            return 0
+        if args.node_command == "stop":
+            node.stop(args.version, home, log=_log_line, port=args.port)
+            return 0
+        got = node.health(args.port)
+        if got is None:
+            print(f"no OpenSearch answers on 127.0.0.1:{args.port}")
+            return 1
+        print(f"OpenSearch on 127.0.0.1:{args.port}: {got.get('status')} ({got.get('number_of_nodes')} node)")
+        return 0
+    except node.NodeError as exc:
+        return _fail(str(exc))
+
+
+def _log_line(text: str) -> None:
+    print(text, flush=True)
+
+
 def register(subparsers: Any) -> None:
     """Add `opensearch` with its sub-commands to the top-level CLI."""
     top = subparsers.add_parser(
@@ -324,13 +389,13 @@ def register(subparsers: Any) -> None:
         action="store_false",
         help="skip the _predict call that proves OpenSearch reaches the sidecar",
     )
-    p.set_defaults(func=_install)
+    p.set_defaults(func=_guarded(_install))
 
     p = sub.add_parser("uninstall", help="remove the pipelines, models, connectors and the endpoint setting")
     _add_connection(p)
     _add_plugin_config(p)
     p.add_argument("--skip-settings", action="store_true", help="leave cluster settings alone")
-    p.set_defaults(func=_uninstall)
+    p.set_defaults(func=_guarded(_uninstall))
 
     p = sub.add_parser("render", help="print (or write) every request body install would send")
     _add_plugin_config(p, with_version=True)
@@ -350,7 +415,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--knn-field", default="embedding", help="knn_vector field name (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=500, help="documents per bulk request")
-    p.set_defaults(func=_index)
+    p.set_defaults(func=_guarded(_index))
 
     p = sub.add_parser("search", help="BM25 search, optionally through a pipeline, and print the hits")
     _add_connection(p)
@@ -359,4 +424,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--query", required=True)
     p.add_argument("--pipeline", default=None, help="search pipeline name (omit for plain BM25)")
     p.add_argument("--size", type=int, default=10)
-    p.set_defaults(func=_search)
+    p.set_defaults(func=_guarded(_search))
+
+    from sidecar.opensearch.node import DEFAULT_HEAP, DEFAULT_PORT, DEFAULT_VERSION, RELEASES
+
+    p = sub.add_parser(
+        "node",
+        help="start / stop a local OpenSearch with ml-commons, k-NN and neural-search (needs Java and Maven)",
+        description="A single-node OpenSearch on 127.0.0.1, security off, built from published Maven "
+        "artifacts cached in ~/.cache/rerank-sidecar/opensearch (RERANK_CACHE_DIR moves it).",
+    )
+    p.add_argument("node_command", choices=("start", "stop", "status"))
+    p.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(RELEASES), help="default %(default)s")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    p.add_argument("--heap", default=DEFAULT_HEAP, help="JVM heap, -Xms and -Xmx (default %(default)s)")
+    p.add_argument("--home", default=None, help="where the node is assembled and keeps its data")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for green (default %(default)s)"
+    )
+    p.set_defaults(func=_node)

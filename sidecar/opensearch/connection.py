@@ -77,3 +77,75 @@ class ConnectionOptions:
         from opensearchpy import OpenSearch
 
         return OpenSearch(**self.client_kwargs())
+
+
+def cluster_error_line(
+    exc: BaseException, url: str, index: str | None = None, pipeline: str | None = None
+) -> str | None:
+    """One line (what happened, what to do) for an opensearch-py error a user can fix; None when the error
+    is not one of those (the caller lets it through with its traceback)."""
+    from opensearchpy.exceptions import ConnectionError as OSConnectionError
+    from opensearchpy.exceptions import TransportError
+
+    if isinstance(exc, OSConnectionError):
+        return (
+            f"cannot reach OpenSearch at {url} ({_cause(exc)}): start a node "
+            "(`rerank-sidecar opensearch node start`) or point --url / OPENSEARCH_URL at a running cluster"
+        )
+    if not isinstance(exc, TransportError):
+        return None
+    status = exc.status_code if isinstance(exc.status_code, int) else None
+    kind, reason = _error_kind(exc)
+    if kind == "index_not_found_exception" or (status == 404 and index and "index" in reason.lower()):
+        name = index or "the index"
+        return (
+            f"index {name!r} does not exist on {url}: create it with "
+            f"`rerank-sidecar opensearch index --index {name} --corpus DIR` or check --index"
+        )
+    low = reason.lower()
+    if pipeline and "pipeline" in low and ("not defined" in low or "not found" in low or "missing" in low):
+        return (
+            f"search pipeline {pipeline!r} does not exist on {url} ({reason}): install it with "
+            "`rerank-sidecar opensearch install` or check --pipeline"
+        )
+    if status in (401, 403):
+        return (
+            f"OpenSearch at {url} refused the request ({status}: {reason}): give credentials with "
+            f"--username/--password or {ENV_USERNAME}/{ENV_PASSWORD}"
+        )
+    if status is not None and 400 <= status < 500:
+        return f"OpenSearch at {url} rejected the request ({status} {kind}: {reason})"
+    if status is not None and pipeline:
+        return (
+            f"the search failed in pipeline {pipeline!r} on {url} ({status} {kind}: {reason}): check that "
+            "the sidecar runs and that the OpenSearch nodes reach it (`rerank-sidecar opensearch install` "
+            "smoke-tests that path)"
+        )
+    return None
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason of a connection error, e.g. 'Connection refused'."""
+    inner: BaseException | None = (
+        getattr(exc, "info", None) if isinstance(getattr(exc, "info", None), BaseException) else None
+    )
+    seen = inner or exc
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    text = str(seen)
+    for known in ("Connection refused", "timed out", "Name or service not known", "No route to host"):
+        if known.lower() in text.lower():
+            return known.lower()
+    return text.split(":")[-1].strip() or type(seen).__name__
+
+
+def _error_kind(exc: Any) -> tuple[str, str]:
+    """(type, reason) of an OpenSearch error body; the root cause when the top level is generic."""
+    info = exc.info if isinstance(exc.info, dict) else {}
+    err = info.get("error", exc.error)
+    if isinstance(err, dict):
+        root = (err.get("root_cause") or [{}])[0] or {}
+        kind = str(err.get("type") or root.get("type") or "")
+        reason = str(err.get("reason") or root.get("reason") or "")
+        return kind, reason
+    return str(exc.error or ""), str(err or "")

@@ -8,6 +8,7 @@ name first, so a second run updates and never duplicates. uninstall removes the 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class Installer:
         self.log = log
         self.deploy_timeout_s = deploy_timeout_s
         self.poll_s = poll_s
+        # Set by apply_settings when a changed setting only reaches models through a redeploy.
+        self.redeploy = False
 
     # ---- transport ------------------------------------------------------------------------------
     def _req(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
@@ -130,8 +133,8 @@ class Installer:
 
         try:
             return self._req(method, path, body, params)
-        except OSConnectionError as exc:
-            raise InstallError(f"cannot connect to OpenSearch for {doing or path}: {exc}") from exc
+        except OSConnectionError:
+            raise  # the CLI turns it into one line (connection.cluster_error_line)
         except TransportError as exc:
             status = _status(exc)
             if missing_ok and status == 404:
@@ -224,6 +227,12 @@ class Installer:
             body["transient"] = {T.TRUSTED_ENDPOINTS: body["persistent"][T.TRUSTED_ENDPOINTS]}
         if changed:
             self._try("PUT", "/_cluster/settings", body, doing="updating cluster settings")
+            # From 3.4 ml-commons copies private_ip_enabled (and from 3.8 the trusted-endpoint regex) into a
+            # remote model when it deploys: a model deployed before the change keeps refusing the sidecar.
+            ip_changed = T.PRIVATE_IP in body["persistent"]
+            self.redeploy = (ip_changed and self.cfg.version >= T.PRIVATE_IP_COPIED_VERSION) or (
+                ours not in regexes and self.cfg.version >= T.REGEX_COPIED_VERSION
+            )
         report.add(Step("cluster settings", ours, "updated" if changed else "unchanged"))
 
     def remove_settings(self, report: Report) -> None:
@@ -310,6 +319,33 @@ class Installer:
                 raise InstallError(f"model {model_id} is still deployed after {self.deploy_timeout_s:.0f}s")
             time.sleep(self.poll_s)
 
+    def _delete_connector(self, cid: str, name: str, report: Report) -> None:
+        """DELETE a connector. ml-commons 2.19 looks for "models still using this connector" with a match
+        query on the analysed connector_id: a just-deleted model (until the model index refreshes) and any
+        model of another connector whose id shares a token both block it. The first passes in a moment;
+        the second is left in place with a note, since those models are not ours to delete."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self._try(
+                    "DELETE", f"{ML}/connectors/{cid}", missing_ok=True, doing=f"deleting connector {name}"
+                )
+                report.add(Step("connector", name, "deleted", cid))
+                return
+            except InstallError as exc:
+                blocking = _blocking_models(str(exc))
+                if not blocking:
+                    raise
+                if time.monotonic() > deadline:
+                    report.add(Step("connector", name, "left in place", cid))
+                    report.notes.append(
+                        f"ml-commons refused to delete connector {name} ({cid}) because models "
+                        f"{', '.join(blocking)} match its id as text although they use other connectors; "
+                        f"delete it once they are gone: DELETE {ML}/connectors/{cid}"
+                    )
+                    return
+                time.sleep(self.poll_s)
+
     # ---- install steps --------------------------------------------------------------------------
     def ensure_model_group(self, report: Report) -> str:
         name = T.model_group_name(self.cfg)
@@ -335,7 +371,7 @@ class Installer:
             report.add(Step("connector", name, "created", got["connector_id"]))
             return str(got["connector_id"])
         cid = str(found[0]["_id"])
-        if _contains(found[0]["_source"], want):
+        if _contains(found[0]["_source"], _as_stored(want)):
             report.add(Step("connector", name, "unchanged", cid))
             return cid
         # ml-commons refuses to update a connector a deployed model uses (UpdateConnectorTransportAction).
@@ -347,7 +383,18 @@ class Installer:
         for mid in users:
             self._undeploy(mid)
         update = {k: v for k, v in want.items() if k != "name"}
-        self._try("PUT", f"{ML}/connectors/{cid}", update, doing=f"updating connector {name}")
+        try:
+            self._try("PUT", f"{ML}/connectors/{cid}", update, doing=f"updating connector {name}")
+        except InstallError as exc:
+            # ml-commons 2.19 finds "models using this connector" with a match query on the analysed
+            # connector_id, so a model of another connector whose id shares a token blocks the update.
+            others = _blocking_models(str(exc))
+            if not others:
+                raise
+            for mid in others:
+                self._undeploy(mid)
+            users += [m for m in others if m not in users]
+            self._try("PUT", f"{ML}/connectors/{cid}", update, doing=f"updating connector {name}")
         for mid in users:
             self._deploy(mid)
         report.add(Step("connector", name, "updated", cid))
@@ -358,6 +405,11 @@ class Installer:
         for hit in self._find("models", name):
             old = str(hit["_id"])
             if hit["_source"].get("connector_id") == connector_id:
+                if self.redeploy and self._model_state(old) in DEPLOYED_STATES:
+                    self._undeploy(old)
+                    self._deploy(old)
+                    report.add(Step("model", name, "redeployed", old))
+                    return old
                 action = "deployed" if self._deploy(old) else "unchanged"
                 report.add(Step("model", name, action, old))
                 return old
@@ -401,9 +453,11 @@ class Installer:
         report.add(Step("smoke test", kind, "ok", " ".join(f"{s:.4f}" for s in scores)))
         return scores
 
-    def put_pipeline(self, kind: T.Kind, model_id: str, report: Report) -> str:
-        name = T.pipeline_name(self.cfg, kind)
-        body = T.pipeline_body(self.cfg, kind, model_id)
+    def put_pipeline(self, kind: T.Kind, model_id: str, report: Report, default: bool = False) -> str:
+        """The search pipeline of `kind`; `default`: the variant for index.search.default_pipeline."""
+        cfg = T.default_pipeline_config(self.cfg) if default else self.cfg
+        name = T.default_pipeline_name(self.cfg, kind) if default else T.pipeline_name(self.cfg, kind)
+        body = T.pipeline_body(cfg, kind, model_id)
         existing = self._try(
             "GET", f"/_search/pipeline/{name}", missing_ok=True, doing=f"reading pipeline {name}"
         )
@@ -461,6 +515,13 @@ class Installer:
             raise InstallError("--default-pipeline needs --index")
         report = Report(version=self.preflight())
         self.cfg = self.cfg.with_version(report.version)
+        dotted = [f for f in self.cfg.fields if "." in f]
+        if "rerank" in kinds and dotted and self.cfg.version < T.DOTTED_FIELDS_VERSION:
+            raise InstallError(
+                f"neural-search {report.version} gives the rerank processor only top-level fields: "
+                f"{', '.join(dotted)} would reach the sidecar as empty text; index a top-level copy of it "
+                "or use the by_field path (--paths by_field --scores-field FIELD), which reads dotted paths"
+            )
         if settings:
             self.apply_settings(report, private_ip)
         group = self.ensure_model_group(report)
@@ -480,7 +541,14 @@ class Installer:
         if index:
             self.check_index(index, report)
         if index and default_pipeline:
-            self.set_default_pipeline(index, report.pipelines[default_pipeline], report)
+            name = self.put_pipeline(
+                default_pipeline, report.model_ids[default_pipeline], report, default=True
+            )
+            self.set_default_pipeline(index, name, report)
+            report.notes.append(
+                f"the default pipeline {name} ignores reranker failures so counts, aggregations and searches "
+                "without ext pass through; a sidecar outage then gives first-stage order unmarked"
+            )
         return report
 
     # ---- uninstall ------------------------------------------------------------------------------
@@ -488,7 +556,9 @@ class Installer:
         kinds = tuple(kinds)
         info = self._try("GET", "/", doing="reading the cluster version")
         report = Report(version=str(info.get("version", {}).get("number", "")))
-        names = {T.pipeline_name(self.cfg, k) for k in kinds}
+        names = {T.pipeline_name(self.cfg, k) for k in kinds} | {
+            T.default_pipeline_name(self.cfg, k) for k in kinds
+        }
         defaults = (
             self._try(
                 "GET",
@@ -513,6 +583,8 @@ class Installer:
                 "DELETE", f"/_search/pipeline/{name}", missing_ok=True, doing=f"deleting pipeline {name}"
             )
             report.add(Step("search pipeline", name, "deleted" if gone is not None else "absent"))
+        # Every model before any connector: ml-commons' "models still using this connector" check matches
+        # connector ids as analysed text, so another kind's model can block a connector's deletion.
         for kind in kinds:
             name = T.model_name(self.cfg, kind)
             models = self._find("models", name)
@@ -524,16 +596,11 @@ class Installer:
                 report.add(Step("model", name, "deleted", hit["_id"]))
             if not models:
                 report.add(Step("model", name, "absent"))
+        for kind in kinds:
             cname = T.connector_name(self.cfg, kind)
             connectors = self._find("connectors", cname)
             for hit in connectors:
-                self._try(
-                    "DELETE",
-                    f"{ML}/connectors/{hit['_id']}",
-                    missing_ok=True,
-                    doing=f"deleting connector {cname}",
-                )
-                report.add(Step("connector", cname, "deleted", hit["_id"]))
+                self._delete_connector(str(hit["_id"]), cname, report)
             if not connectors:
                 report.add(Step("connector", cname, "absent"))
         group = T.model_group_name(self.cfg)
@@ -561,6 +628,22 @@ class Installer:
         if settings:
             self.remove_settings(report)
         return report
+
+
+def _blocking_models(message: str) -> list[str]:
+    """Model ids from ml-commons' "N models are still using this connector ...: [id, id]"."""
+    if "still using this connector" not in message:
+        return []
+    m = re.search(r"\[([^\]]*)\]", message)
+    return [x.strip() for x in m.group(1).split(",") if x.strip()] if m else []
+
+
+def _as_stored(connector: dict[str, Any]) -> dict[str, Any]:
+    """A connector body as ml-commons returns it: reads strip `credential` and `action_type` is upper-case.
+    Comparing anything else would make every re-run update the connector and redeploy its models."""
+    out = {k: v for k, v in connector.items() if k != "credential"}
+    out["actions"] = [{**a, "action_type": str(a["action_type"]).upper()} for a in connector["actions"]]
+    return out
 
 
 def _contains(have: Any, want: Any) -> bool:

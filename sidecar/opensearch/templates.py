@@ -29,6 +29,16 @@ MIN_VERSION = (2, 19, 0)
 # `rerank.by_field.previous_score_field` exists from neural-search 3.8 (ByFieldRerankProcessor).
 PREVIOUS_SCORE_FIELD_VERSION = (3, 8, 0)
 
+# ml-commons copies these settings into a remote model at deploy time from these versions on.
+PRIVATE_IP_COPIED_VERSION = (3, 4, 0)
+REGEX_COPIED_VERSION = (3, 8, 0)
+
+# neural-search's DocumentContextSourceFetcher reads only top-level _source keys up to 3.5.
+DOTTED_FIELDS_VERSION = (3, 6, 0)
+
+# The one credential entry every connector carries (see connector_body).
+CREDENTIAL_KEY = "sidecar_token"
+
 # Placeholders in rendered files; the installer substitutes real ids.
 CONNECTOR_ID = "<connector_id>"
 MODEL_ID = "<model_id>"
@@ -124,6 +134,21 @@ def model_group_name(cfg: PluginConfig) -> str:
 
 def pipeline_name(cfg: PluginConfig, kind: Kind) -> str:
     return cfg.name if kind == "rerank" else f"{cfg.name}-by-field"
+
+
+def default_pipeline_name(cfg: PluginConfig, kind: Kind) -> str:
+    """The variant an index gets as `index.search.default_pipeline` (see default_pipeline_config)."""
+    return pipeline_name(cfg, kind) + "-default"
+
+
+def default_pipeline_config(cfg: PluginConfig) -> PluginConfig:
+    """A default pipeline also runs for searches that are not reranking requests: counts, aggregations
+    (size 0), pages past the last hit, searches without `ext`. On those the 2.19 processors throw (rerank:
+    NullPointerException without ext.rerank, "No text documents were provided" on an empty page; ml_inference:
+    missing input without ext.ml_inference; by_field: hits[0] of an empty page) and the whole search fails,
+    _count included. With ignore_failure they pass through untouched; the price is that a sidecar outage
+    then returns first-stage order on reranking searches too, with nothing marking it."""
+    return replace(cfg, ignore_failure=True)
 
 
 # ---- versions ---------------------------------------------------------------------------------
@@ -236,6 +261,9 @@ def connector_body(cfg: PluginConfig, kind: Kind) -> dict[str, Any]:
             "max_retry_times": cfg.max_retry_times,
         },
         "actions": [action],
+        # ml-commons refuses a connector without a non-empty credential map (MLCreateConnectorInput, 2.19 and
+        # 3.x); the sidecar takes none, so this placeholder is never sent. Connector reads strip it.
+        "credential": {CREDENTIAL_KEY: "unused"},
     }
 
 
@@ -328,10 +356,13 @@ SMOKE_DOCS = ["Bananas are rich in potassium.", "A reranker reorders search resu
 def smoke_request(kind: Kind, model_id: str = MODEL_ID) -> tuple[str, str, dict[str, Any]]:
     """(method, path, body) that exercises the deployed model end to end through its connector."""
     if kind == "rerank":
+        # Not /_predict/text_similarity/: on 2.19 that REST path is refused when
+        # plugins.ml_commons.local_model.enabled is false (usual where only remote models run). The
+        # parameters the rerank pre-process would produce go through the same connector and post-process.
         return (
             "POST",
-            f"/_plugins/_ml/_predict/text_similarity/{model_id}",
-            {"query_text": SMOKE_QUERY, "text_docs": list(SMOKE_DOCS)},
+            f"/_plugins/_ml/models/{model_id}/_predict",
+            {"parameters": {"query": SMOKE_QUERY, "documents": list(SMOKE_DOCS), "top_n": len(SMOKE_DOCS)}},
         )
     return (
         "POST",

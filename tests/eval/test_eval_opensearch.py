@@ -1,10 +1,10 @@
 """OpenSearch as the first stage: BM25 `match` through opensearch-py against a real osmem-server process, with
-the corpus loaded by the OpenSearch loader; the search-pipeline rerank runs only against a real cluster."""
+the corpus loaded by the OpenSearch loader. The search-pipeline rerank runs against a real node in
+tests/opensearch/test_real_cluster.py."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +15,6 @@ from sidecar.eval.__main__ import main
 from sidecar.eval.datasets import Dataset
 from sidecar.eval.opensearch_stage import (
     OpenSearchFirstStage,
-    OpenSearchPipelineReranker,
     connect,
     lexical_query,
 )
@@ -105,27 +104,3 @@ def test_cli_loads_the_corpus_and_replays(osmem_url: str, tiny: Dataset, tmp_pat
     result = json.loads((out / report.RESULT_JSON).read_text())
     assert result["first_stage"]["index"] == "tiny-cli"
     assert result["metrics"]["first_stage"]["recall@10"] == 1.0
-
-
-@pytest.mark.opensearch
-@pytest.mark.skipif(
-    not os.environ.get("OPENSEARCH_URL") or not os.environ.get("RERANK_PIPELINE"),
-    reason="needs a real cluster (OPENSEARCH_URL) with an installed rerank pipeline (RERANK_PIPELINE)",
-)
-def test_pipeline_rerank_on_a_real_cluster(tiny: Dataset) -> None:
-    from sidecar.opensearch.indexer import index_beir_corpus
-
-    url = os.environ["OPENSEARCH_URL"]
-    client = connect(url)
-    index_beir_corpus(client, "rerank-sidecar-eval-tiny", tiny.path, recreate=True)
-    client.close()
-    stage = OpenSearchFirstStage(url, "rerank-sidecar-eval-tiny")
-    reranker = OpenSearchPipelineReranker(stage, os.environ["RERANK_PIPELINE"])
-    try:
-        result = replay(tiny, tiny.query_ids(), stage, reranker, ReplayConfig(hits=5, depth=5))
-    finally:
-        stage.close()
-    assert not result.rerank_errors
-    for rec in result.records.values():
-        assert rec.rerank is not None
-        assert sorted(d for d, _ in rec.rerank.ranking) == sorted(h.doc_id for h in rec.first_stage[:5])

@@ -93,3 +93,52 @@ def sidecar_http(bert_scorer: Scorer) -> Iterator[HttpServer]:
     srv = HttpServer(bert_scorer)
     yield srv
     srv.stop()
+
+
+# ---- a real OpenSearch node -------------------------------------------------------------------
+REQUIRE_ENV = "RERANK_REQUIRE_OPENSEARCH"
+START_ENV = "RERANK_OPENSEARCH_START"
+
+
+@pytest.fixture(scope="session")
+def opensearch_url() -> Iterator[str]:
+    """OPENSEARCH_URL when set; else, with RERANK_OPENSEARCH_START=1 (or RERANK_REQUIRE_OPENSEARCH=1), a node
+    started by the project's own `rerank-sidecar opensearch node start` on a free port and stopped after."""
+    import os
+    import subprocess
+    import sys
+
+    url = os.environ.get("OPENSEARCH_URL")
+    if url:
+        yield url
+        return
+    if os.environ.get(START_ENV) != "1" and os.environ.get(REQUIRE_ENV) != "1":
+        pytest.skip(
+            f"no OpenSearch: set OPENSEARCH_URL, or {START_ENV}=1 to start one with "
+            "`rerank-sidecar opensearch node start` (needs Java and Maven)"
+        )
+    from sidecar.launch import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "sidecar", "opensearch", "node"]
+    args = ["--port", str(port)]
+    started = subprocess.run([*cmd, "start", *args], capture_output=True, text=True, timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"`rerank-sidecar opensearch node start` failed: {started.stderr.strip()[-500:]}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([*cmd, "stop", *args], capture_output=True, timeout=120)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """Under RERANK_REQUIRE_OPENSEARCH=1 (set by .ci/run) a real-cluster test that skips has failed."""
+    import os
+
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(REQUIRE_ENV) == "1" and item.get_closest_marker("opensearch"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"{REQUIRE_ENV}=1 and this real-cluster test skipped: {reason}"

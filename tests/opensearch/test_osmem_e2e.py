@@ -3,8 +3,9 @@ with BM25, but no search pipelines and no ml-commons) and a real sidecar process
 the packaged all-MiniLM-L6-v2).
 
 SciFact is loaded with the same command users run (`rerank-sidecar opensearch index`), BM25 top-k comes
-from the index, and the hits go to the sidecar over HTTP byte for byte as the rerank processor's connector
-(and the ml_inference path) would send them; the answer is parsed as ml-commons parses it.
+from the index and the sidecar scores the hits' passages. What the real pipelines do with those scores is
+tested against a real OpenSearch node (test_real_cluster.py); osmem stays for what that node cannot show:
+a cluster without ml-commons / neural-search, and a quick full-SciFact BM25 index.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sidecar.client import RerankerClient
-from sidecar.opensearch import mlcommons, templates
+from sidecar.opensearch import mlcommons
 from tests.conftest import SCIFACT
-from tests.opensearch import mlcommons_java as J
-from tests.opensearch.conftest import http_request
+from tests.opensearch.conftest import post_json
 
 pytestmark = [
     pytest.mark.slow,
@@ -115,16 +114,12 @@ def _bm25(client: Any, query: str, size: int = TOP_K) -> list[dict[str, Any]]:
 def _rerank_like_the_processor(
     sidecar: Any, query: str, hits: list[dict[str, Any]], fields: list[str]
 ) -> list:
-    """What the rerank processor + a `connector.post_process.default.rerank` connector do with these hits."""
-    action = templates.connector_body(
-        templates.PluginConfig(sidecar_url=sidecar.http_url, read_timeout_s=READ_TIMEOUT_S), "rerank"
-    )["actions"][0]
-    docs = [J.document_context(h, fields) for h in hits]
-    body = J.rerank_request_body(action["request_body"], query, docs)
-    reply = http_request(sidecar.http_url, "POST", mlcommons.PATH_LIST, body, action["headers"])
+    """The sidecar's scores for these hits' text, highest first: what the pipelines return (shown against a
+    real OpenSearch node in test_real_cluster.py)."""
+    docs = [" ".join(str(h["_source"].get(f, "")) for f in fields) for h in hits]
+    reply = post_json(sidecar.http_url, mlcommons.PATH_SCORES, {"query": query, "documents": docs})
     assert reply.status == 200, reply.body[:300]
-    scores = J.parse_rerank_response(action["post_process_function"], reply.body, len(hits))
-    # RerankProcessor: new score per hit by position, then sort descending.
+    scores = reply.json()["scores"]
     rescored = [{**h, "_score": s, "previous": h["_score"]} for h, s in zip(hits, scores, strict=True)]
     return sorted(rescored, key=lambda h: -h["_score"])
 
@@ -152,46 +147,6 @@ def test_reranking_keeps_or_improves_ndcg(client: Any, sidecar: Any) -> None:
     assert abs(bm25 - EXPECTED_BM25_NDCG) <= 0.01, bm25
     assert abs(rr - EXPECTED_RERANKED_NDCG) <= 0.01, rr
     assert rr > bm25
-
-
-def test_processor_order_equals_the_grpc_order(client: Any, sidecar: Any) -> None:
-    _, query, _ = _queries()[0]
-    hits = _bm25(client, query, 20)
-    reranked = _rerank_like_the_processor(sidecar, query, hits, ["passage"])
-    with RerankerClient(sidecar.grpc_target) as grpc_client:
-        result = grpc_client.rerank(query, [h["_source"]["passage"] for h in hits])
-    assert [h["_id"] for h in reranked] == [hits[r.index]["_id"] for r in result.hits]
-    for h, r in zip(reranked, result.hits, strict=True):
-        assert np.float32(h["_score"]) == np.float32(r.score)
-
-
-def test_ml_inference_by_field_path_gives_the_same_order(client: Any, sidecar: Any) -> None:
-    cfg = templates.PluginConfig(
-        sidecar_url=sidecar.http_url, fields=("passage",), read_timeout_s=READ_TIMEOUT_S
-    )
-    action = templates.connector_body(cfg, "by_field")["actions"][0]
-    processors = templates.pipeline_body(cfg, "by_field", "m")["response_processors"]
-    by_field = processors[1]["rerank"]["by_field"]
-    _, query, _ = _queries()[1]
-    hits = _bm25(client, query, 30)
-    body = J.ml_inference_request_body(action["request_body"], query, [h["_source"]["passage"] for h in hits])
-    reply = http_request(sidecar.http_url, "POST", mlcommons.PATH_SCORES, body, action["headers"])
-    assert reply.status == 200, reply.body[:300]
-    for h, s in zip(hits, J.ml_inference_split(reply.body, "scores", len(hits)), strict=True):
-        h["_source"][by_field["target_field"]] = s
-    by_field_order = J.by_field_rerank(hits, by_field["target_field"], keep_previous_score=True)
-    processor_order = _rerank_like_the_processor(sidecar, query, _bm25(client, query, 30), ["passage"])
-    assert [h["_id"] for h in by_field_order] == [h["_id"] for h in processor_order]
-    assert all("previous_score" in h["_source"] for h in by_field_order)
-
-
-def test_titles_glued_by_the_processor_still_rerank(client: Any, sidecar: Any) -> None:
-    """With document_fields [title, text] the processor glues them with no separator; it still works,
-    and the `passage` field (title + space + text) reads exactly as the sidecar's gRPC title+text does."""
-    _, query, _ = _queries()[2]
-    hits = _bm25(client, query, 10)
-    glued = _rerank_like_the_processor(sidecar, query, hits, ["title", "text"])
-    assert len(glued) == 10
 
 
 def test_the_cli_searches_osmem(indexed: str) -> None:
