@@ -153,7 +153,9 @@ class Batcher:
                 item.job.future.set_exception(NotReady("the sidecar shut down before this request ran"))
         self._queue.clear()
         self._queued_pairs = 0
-        self._executor.shutdown(wait=True)
+        # A batch still in the model is not waited for: its requests were answered when the drain
+        # ended, and the process exits right after.
+        self._executor.shutdown(wait=False)
 
     # ---- internals ----------------------------------------------------------------------------
     def _abandon(self, job: _Job, reason: str) -> None:

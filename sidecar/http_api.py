@@ -151,8 +151,8 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     top_n = obj.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
         raise InvalidSchema(f"`top_n` must be a non-negative integer, got {top_n!r}")
-    # Cohere semantics: 0 or absent means all, more than there are means all.
-    top_n = None if all_documents or not top_n else min(top_n, len(documents)) or None
+    # 0 or absent means all; the service applies the rest of the rule (more than there are means all).
+    top_n = None if all_documents or not top_n else top_n
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InvalidSchema(f"`instruction` must be a string, got {json_type_name(instruction)}")

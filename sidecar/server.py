@@ -23,9 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
-from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
 from sidecar.batcher import Batcher
-from sidecar.grpc_api import RerankerServicer
+from sidecar.grpc_api import RerankerServicer, add_to_server
 from sidecar.health import Health
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Scorer
@@ -34,11 +33,20 @@ from sidecar.settings import Settings, env_name, flag_name
 
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.so_reuseport", 0),
-]
+# Messages over max_body_bytes are refused INVALID_ARGUMENT by our deserializer (they can never
+# succeed); gRPC itself refuses those over this many times the limit (RESOURCE_EXHAUSTED), so no
+# message of any size is buffered whole.
+GRPC_HARD_LIMIT_FACTOR = 2
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", GRPC_HARD_LIMIT_FACTOR * settings.max_body_bytes),
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 # After the drain, how long RPCs still open (Health.Watch streams, answers being written) may take.
 CLOSE_GRACE_S = 1.0
 
@@ -61,8 +69,8 @@ class SidecarServer:
     async def start(self) -> None:
         """Bind every port and begin loading the model; `loaded` completes when SERVING."""
         s = self.settings
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_RerankerServiceServicer_to_server(RerankerServicer(self.service), server)
+        server = grpc.aio.server(options=grpc_options(s))
+        add_to_server(RerankerServicer(self.service), server, s.max_body_bytes)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (
@@ -114,7 +122,12 @@ class SidecarServer:
         from sidecar.http_api import create_app
 
         app = create_app(self.service, self.metrics, self.settings)
-        runner = web.AppRunner(app, shutdown_timeout=self.settings.drain_seconds, access_log=None)
+        # Handlers are cancelled when their client disconnects (its pairs then never reach the model);
+        # by the time the runner shuts down, every request was answered, so its timeout only covers
+        # writing the last answers.
+        runner = web.AppRunner(
+            app, shutdown_timeout=CLOSE_GRACE_S, access_log=None, handler_cancellation=True
+        )
         await runner.setup()
         self._http_runner = runner
         site = web.TCPSite(runner, self.settings.host, self.settings.http_port)
@@ -146,7 +159,12 @@ class SidecarServer:
         if self.loaded and not self.loaded.done():
             self.loaded.cancel()
         if not await self.service.wait_idle(grace):
-            log.warning("drain period over with %s still in flight", _requests(self.service.in_flight))
+            log.warning(
+                "drain period over with %s still in flight: answering UNAVAILABLE / 503",
+                _requests(self.service.in_flight),
+            )
+            self.service.abort_in_flight()
+            await self.service.wait_idle(CLOSE_GRACE_S)
         await self._close(CLOSE_GRACE_S)
 
     async def _close(self, grace: float) -> None:

@@ -97,7 +97,6 @@ BAD_REQUESTS = [
     (pb.RerankRequest(query="   ", documents=[pb.Document(text="d")]), "query is empty"),
     (pb.RerankRequest(query="q"), "no documents"),
     (pb.RerankRequest(query="q", documents=[pb.Document(text="d")] * 6), "limit of 5"),
-    (pb.RerankRequest(query="q", documents=[pb.Document(text="d")] * 2, top_n=3), "top_n=3 is out of range"),
     (
         pb.RerankRequest(query="q", documents=[pb.Document(text="d")], instruction="Judge relevance"),
         "takes no instruction",
