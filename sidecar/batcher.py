@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sidecar.errors import DeadlineExceeded, InternalError, NotReady, Overloaded
+from sidecar.errors import DeadlineExceeded, InternalError, InvalidInput, NotReady, Overloaded
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Pair, Scorer
 
@@ -115,6 +115,12 @@ class Batcher:
         if self.failed.done():
             raise InternalError("the batcher stopped; retry on another replica")
         n = len(pairs)
+        if n > self.max_queue_pairs:
+            # Not "retry later": it would never fit (Settings refuses max_documents > max_queue_pairs).
+            raise InvalidInput(
+                f"{n} pairs can never fit the queue of {self.max_queue_pairs}: send at most "
+                f"{self.max_queue_pairs} documents"
+            )
         if self._queued_pairs + n > self.max_queue_pairs:
             raise Overloaded(
                 f"queue full: {self._queued_pairs} pairs waiting, this request adds {n}, limit "

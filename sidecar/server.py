@@ -40,15 +40,26 @@ GRPC_HARD_LIMIT_FACTOR = 2
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    s = settings
+    keepalive_ms = int(s.grpc_keepalive_s * 1000)
     return [
-        ("grpc.max_receive_message_length", GRPC_HARD_LIMIT_FACTOR * settings.max_body_bytes),
+        ("grpc.max_receive_message_length", GRPC_HARD_LIMIT_FACTOR * s.max_body_bytes),
         ("grpc.max_send_message_length", 64 << 20),
         ("grpc.so_reuseport", 0),
+        # Connections that never finish the HTTP/2 handshake (a raw or slow TCP client).
+        ("grpc.server_handshake_timeout_ms", int(s.connection_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(s.grpc_idle_timeout_s * 1000)),
+        # Our pings find dead peers; clients' pings faster than ours are abuse (GOAWAY after 2 strikes).
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
 
 
 # After the drain, how long RPCs still open (Health.Watch streams, answers being written) may take.
 CLOSE_GRACE_S = 1.0
+LINGER_S = 2.0
 
 
 class SidecarServer:
@@ -125,8 +136,17 @@ class SidecarServer:
         # Handlers are cancelled when their client disconnects (its pairs then never reach the model);
         # by the time the runner shuts down, every request was answered, so its timeout only covers
         # writing the last answers.
+        # aiohttp's keep-alive timer runs from a connection's start and from each answer until a
+        # complete request (headers) arrives: it is the header and idle timeout.
         runner = web.AppRunner(
-            app, shutdown_timeout=CLOSE_GRACE_S, access_log=None, handler_cancellation=True
+            app,
+            shutdown_timeout=CLOSE_GRACE_S,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=self.settings.connection_timeout_s,
+            # After an early answer (413, 408) the rest of a body is read and dropped for at most this
+            # long, so the client sees the answer; a body that keeps trickling is then cut off.
+            lingering_time=LINGER_S,
         )
         await runner.setup()
         self._http_runner = runner

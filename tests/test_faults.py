@@ -3,7 +3,10 @@ and oversized gRPC messages."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -162,3 +165,50 @@ def test_top_n_beyond_the_documents_means_all_on_both_front_ends(server_factory,
         http_results = json.loads(resp.read())["results"]
     assert [r.index for r in reply.results] == [r["index"] for r in http_results]
     assert len(reply.results) == 3
+
+
+def test_a_queue_smaller_than_the_largest_request_is_refused_at_start_up() -> None:
+    from pydantic import ValidationError
+
+    from sidecar.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"max_queue_pairs \(500\) is below max_documents \(1000\)"):
+        Settings(max_queue_pairs=500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--max-queue-pairs", "500"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "invalid setting: max_queue_pairs (500) is below max_documents (1000): a request of max_documents "
+        "could never be queued; raise --max-queue-pairs or lower --max-documents"
+    ]
+
+
+def test_a_request_larger_than_the_queue_is_not_retry_later(bert_scorer: Scorer) -> None:
+    from sidecar.batcher import Batcher
+    from sidecar.errors import InvalidInput, Overloaded, status_of
+    from sidecar.metrics import Metrics
+    from sidecar.scoring.base import Pair
+
+    async def main() -> None:
+        b = Batcher(
+            bert_scorer,
+            Metrics(),
+            max_batch_tokens=2048,
+            max_batch_pairs=64,
+            max_wait_s=0,
+            max_queue_pairs=10,
+        )
+        b.start()
+        with pytest.raises(InvalidInput, match="can never fit the queue of 10") as err:
+            await b.submit([Pair("q", "d")] * 11, [4] * 11, asyncio.get_running_loop().time() + 10)
+        assert (
+            not isinstance(err.value, Overloaded)
+            and status_of(err.value).grpc == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        await b.close()
+
+    asyncio.run(main())

@@ -136,7 +136,9 @@ def test_long_documents_are_truncated_and_reported(server_factory, bert_scorer: 
 def test_overload_is_resource_exhausted(server_factory, bert_scorer: Scorer) -> None:
     gate = threading.Event()
     rec = RecordingScorer(bert_scorer, gate)
-    srv = server_factory(test_settings(max_queue_pairs=20, max_wait_ms=0, warmup=False), scorer=rec)
+    srv = server_factory(
+        test_settings(max_queue_pairs=20, max_documents=20, max_wait_ms=0, warmup=False), scorer=rec
+    )
     ch, stub = _stub(srv.target)
     docs = [pb.Document(text=t) for t in documents(15)]
     with ThreadPoolExecutor(2) as pool:
