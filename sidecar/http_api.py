@@ -298,7 +298,7 @@ class HttpApi:
     def _endpoint(self, shape: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                body = await self._read(request)
+                body = await self.service.receive(self._read(request))
                 deadline = parse_deadline(request)
                 q, return_documents = parse_request(
                     decode_json(body), deadline, all_documents=shape == "scores"

@@ -191,6 +191,7 @@ class SidecarServer:
         """Close the listeners (RPCs still open get `grace` seconds), the batcher and the metrics server."""
         if self._watch:
             self._watch.cancel()
+        log.info("closing the listeners")
         stops = []
         if self._grpc:
             stops.append(self._grpc.stop(grace))

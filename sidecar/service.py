@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.batcher import Batcher
 from sidecar.errors import (
@@ -38,6 +38,7 @@ from sidecar.settings import Settings
 from sidecar.types import HitStatus, ModelInfo, RankedHit, RerankQuery, RerankResult, Timings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Pairs tokenized per step. Documents are clipped to what the model reads, so a slice costs at most
 # about MEASURE_SLICE_PAIRS x max_length x 8 characters of tokenizer work (tens of milliseconds).
@@ -156,8 +157,7 @@ class RerankService:
     async def rerank(self, query: RerankQuery, api: str) -> RerankResult:
         started = time.perf_counter()
         error: BaseException | None = None
-        self.in_flight += 1
-        self._idle.clear()
+        self._count(+1)
         try:
             return await self._unless_aborted(self._rerank(query, started))
         except RerankError as exc:
@@ -171,14 +171,31 @@ class RerankService:
             error = exc
             raise InternalError("unexpected error") from exc
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self._count(-1)
             outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome_label(error)
             self.metrics.requests.labels(api, outcome).inc()
             self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)
 
-    async def _unless_aborted(self, work: Coroutine[Any, Any, RerankResult]) -> RerankResult:
+    async def receive(self, arriving: Coroutine[Any, Any, T]) -> T:
+        """A front end's request still arriving (an HTTP body being read): counted in flight so the
+        drain waits for it, answered NotReady if the drain ends first, refused at once while draining."""
+        if self._draining:
+            arriving.close()
+            raise NotReady("the sidecar is shutting down; retry on another replica")
+        self._count(+1)
+        try:
+            return await self._unless_aborted(arriving)
+        finally:
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+        if self.in_flight == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def _unless_aborted(self, work: Coroutine[Any, Any, T]) -> T:
         """`work`'s result, or NotReady as soon as the drain is over (`abort_in_flight`): every request
         accepted gets an answer, even one still being tokenized or scored when the drain ends."""
         task = asyncio.ensure_future(work)
