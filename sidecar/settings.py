@@ -149,10 +149,12 @@ class Settings(BaseSettings):
         10000, ge=1, description="Longest accepted query, in characters (guards tokenizer time)."
     )
     max_body_bytes: int = Field(
-        8 << 20,
+        4 << 20,
         ge=1024,
-        description="Largest accepted HTTP request body, in bytes; larger bodies get 413. Bounds memory "
-        "per request; 8 MiB holds 1,000 long documents.",
+        description="Largest accepted request, in bytes: an HTTP body (413 beyond) or a gRPC message "
+        "(INVALID_ARGUMENT beyond). A request in flight holds up to about 5x its size at peak, so 4 MiB "
+        "lets 16 max-size requests run at once within the manifests' 2 Gi beside the model; it holds "
+        "1,000 documents of 4 KB, more than a 512-token model reads of each.",
     )
     default_timeout_s: float = Field(
         30.0,
