@@ -77,7 +77,7 @@ def test_an_open_health_watch_does_not_hold_the_shutdown(bert_scorer: Scorer) ->
         took = time.monotonic() - t0
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     srv.loop.call_soon_threadsafe(srv.loop.stop)
-    assert took < 3.0, f"an idle server took {took:.1f}s to stop with a Watch stream open"
+    assert took < 5.0, f"an idle server took {took:.1f}s to stop with a Watch stream open (drain 10 s)"
 
 
 def test_an_http_client_that_gives_up_has_its_pairs_dropped(server_factory, bert_scorer: Scorer) -> None:
