@@ -91,9 +91,12 @@ class SidecarServer:
             ),
             server,
         )
+        # Probed first: grpc's own failure says only "Failed to bind" and prints a C++ log line too.
+        if s.grpc_port and (code := _probe_bind(s.host, s.grpc_port)) is not None:
+            raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", code)
         try:
             self.grpc_port = server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
-        except RuntimeError as exc:  # grpc says only "Failed to bind"; the probe in _bind_error says why
+        except RuntimeError as exc:
             raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", None) from exc
         await self.health.set_serving(False)
         await server.start()
@@ -102,7 +105,7 @@ class SidecarServer:
             await self._start_http()
             self._start_metrics()
         except BaseException:
-            await self._close(0)
+            await self._close(0, quiet=True)  # release what did start; the caller reports why
             raise
         log.info(
             "listening: grpc %s:%d, http %s:%d, metrics %s:%d",
@@ -154,7 +157,9 @@ class SidecarServer:
         try:
             await site.start()
         except OSError as exc:
-            raise _bind_error("HTTP", self.settings.host, self.settings.http_port, "http_port", exc) from exc
+            raise _bind_error(
+                "HTTP", self.settings.host, self.settings.http_port, "http_port", exc.errno
+            ) from exc
         self.http_port = runner.addresses[0][1]
 
     def _start_metrics(self) -> None:
@@ -164,7 +169,7 @@ class SidecarServer:
         try:
             server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
         except OSError as exc:
-            raise _bind_error("metrics", s.host, s.metrics_port, "metrics_port", exc) from exc
+            raise _bind_error("metrics", s.host, s.metrics_port, "metrics_port", exc.errno) from exc
         self._metrics_server = server
         self.metrics_port = server.server_port
 
@@ -187,11 +192,12 @@ class SidecarServer:
             await self.service.wait_idle(CLOSE_GRACE_S)
         await self._close(CLOSE_GRACE_S)
 
-    async def _close(self, grace: float) -> None:
+    async def _close(self, grace: float, quiet: bool = False) -> None:
         """Close the listeners (RPCs still open get `grace` seconds), the batcher and the metrics server."""
         if self._watch:
             self._watch.cancel()
-        log.info("closing the listeners")
+        if not quiet:
+            log.info("closing the listeners")
         stops = []
         if self._grpc:
             stops.append(self._grpc.stop(grace))
@@ -202,16 +208,16 @@ class SidecarServer:
         if self._metrics_server:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
 
 
 class StartupError(Exception):
     """The server cannot start for a reason the operator can fix; the message says how."""
 
 
-def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None) -> StartupError:
-    """One line naming the port, why it could not be bound, and the flag that moves it."""
-    code = exc.errno if exc is not None else _probe_bind(host, port)
+def _bind_error(what: str, host: str, port: int, field: str, code: int | None) -> StartupError:
+    """One line naming the port, why it could not be bound (`code`, an errno), and the flag that moves it."""
     if code == errno.EADDRINUSE:
         why = "the port is already in use (is another sidecar still running?)"
     elif code == errno.EACCES:
@@ -219,7 +225,7 @@ def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None
     elif code == errno.EADDRNOTAVAIL:
         why = f"{host} is not an address of this machine"
     else:
-        why = f"{exc.strerror if exc is not None and exc.strerror else 'the address cannot be bound'}"
+        why = os.strerror(code) if code else "the address cannot be bound"
     return StartupError(
         f"cannot listen for {what} on {host}:{port}: {why}; stop whatever holds it or pick another port "
         f"with {flag_name(field)} / {env_name(field)} (0 picks a free one)"
@@ -227,9 +233,11 @@ def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None
 
 
 def _probe_bind(host: str, port: int) -> int | None:
-    """The errno a plain bind of (host, port) gets now; grpc's own bind error carries none."""
+    """The errno a bind of (host, port) gets now (None: it would succeed), with SO_REUSEADDR as grpc
+    sets it, so a port whose old connections are in TIME_WAIT does not look busy."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host.strip("[]"), port))
         except OSError as exc:
