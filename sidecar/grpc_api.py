@@ -109,17 +109,53 @@ def _tolerant(message_cls: Any, max_bytes: int) -> Callable[[bytes], Any]:
 
 
 def add_to_server(servicer: RerankerServicer, server: grpc.aio.Server, max_message_bytes: int) -> None:
-    """Register every method of reranker.v1.RerankerService with tolerant deserializers (`Unreadable`);
-    otherwise what the generated `add_RerankerServiceServicer_to_server` does."""
-    service = pb.DESCRIPTOR.services_by_name["RerankerService"]
-    handlers = {
-        m.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, m.name),
-            request_deserializer=_tolerant(getattr(pb, m.input_type.name), max_message_bytes),
-            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+    """Register reranker.v1.RerankerService with tolerant deserializers (what the generated
+    `add_RerankerServiceServicer_to_server` does, but a bad message gets INVALID_ARGUMENT, counted)."""
+
+    def count(error: InvalidInput) -> None:
+        servicer.service.metrics.requests.labels(API, outcome_label(error)).inc()
+
+    add_tolerant(
+        server, pb.DESCRIPTOR.services_by_name["RerankerService"], pb, servicer, max_message_bytes, count
+    )
+
+
+def add_tolerant(
+    server: grpc.aio.Server,
+    service: Any,
+    messages: Any,
+    servicer: Any,
+    max_message_bytes: int,
+    on_unreadable: Callable[[InvalidInput], None] | None = None,
+) -> None:
+    """Register every method of `service` (a service descriptor; `messages` its generated module) that
+    `servicer` implements, with deserializers that never raise: an `Unreadable` request is answered
+    INVALID_ARGUMENT before the servicer sees it."""
+
+    def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Unreadable):
+                if on_unreadable is not None:
+                    on_unreadable(request.error)
+                await context.abort(status_of(request.error).grpc, public_message(request.error))
+            return await method(request, context)
+
+        return call
+
+    handlers = {}
+    for m in service.methods:
+        if m.client_streaming or not hasattr(servicer, m.name):
+            continue
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if m.server_streaming
+            else grpc.unary_unary_rpc_method_handler
         )
-        for m in service.methods
-    }
+        handlers[m.name] = kind(
+            guarded(getattr(servicer, m.name)),
+            request_deserializer=_tolerant(getattr(messages, m.input_type.name), max_message_bytes),
+            response_serializer=getattr(messages, m.output_type.name).SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
@@ -128,13 +164,7 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
     def __init__(self, service: RerankService) -> None:
         self.service = service
 
-    async def _refuse_unreadable(self, request: object, context: grpc.aio.ServicerContext) -> None:
-        if isinstance(request, Unreadable):
-            self.service.metrics.requests.labels(API, outcome_label(request.error)).inc()
-            await context.abort(status_of(request.error).grpc, public_message(request.error))
-
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
-        await self._refuse_unreadable(request, context)
         try:
             query = query_from_proto(request, context.time_remaining())
         except RerankError as exc:
@@ -148,7 +178,6 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
         return result_to_proto(result)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        await self._refuse_unreadable(request, context)
         try:
             info = self.service.model_info()
             default_fusion = self.service.fusion_default()

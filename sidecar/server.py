@@ -19,12 +19,12 @@ import typing
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar.batcher import Batcher
-from sidecar.grpc_api import RerankerServicer, add_to_server
+from sidecar.grpc_api import RerankerServicer, add_to_server, add_tolerant
 from sidecar.health import Health
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Scorer
@@ -82,7 +82,8 @@ class SidecarServer:
         s = self.settings
         server = grpc.aio.server(options=grpc_options(s))
         add_to_server(RerankerServicer(self.service), server, s.max_body_bytes)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        add_tolerant(server, health, health_pb2, self.health.servicer, s.max_body_bytes)
         reflection.enable_server_reflection(
             (
                 pb.DESCRIPTOR.services_by_name["RerankerService"].full_name,
@@ -270,16 +271,17 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; exit code 0 after a clean drain, 1 if the server could not start or the
     model failed to load."""
     server = SidecarServer(settings)
+    # Before the ports open: a SIGTERM right after "listening" must drain, not kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
     except StartupError as exc:
         # One line for an operator's mistake; the traceback only when asked for.
         log.error("%s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     assert server.loaded is not None
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({server.loaded, stopper}, return_when=asyncio.FIRST_COMPLETED)

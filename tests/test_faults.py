@@ -212,3 +212,22 @@ def test_a_request_larger_than_the_queue_is_not_retry_later(bert_scorer: Scorer)
         await b.close()
 
     asyncio.run(main())
+
+
+def test_a_malformed_health_check_is_invalid_argument_and_probes_still_work(
+    server_factory, bert_scorer: Scorer, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = server_factory(scorer=bert_scorer)
+    with grpc.insecure_channel(srv.target) as ch:
+        raw = ch.unary_unary(
+            "/grpc.health.v1.Health/Check", response_deserializer=health_pb2.HealthCheckResponse.FromString
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\x02\xff\xfe", timeout=10)  # `service` is not UTF-8
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid grpc.health.v1.HealthCheckRequest" in (err.value.details() or "")
+        assert _health(ch) == SERVING
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == SERVING
+        watch.cancel()
+    assert "Traceback" not in caplog.text
