@@ -2,10 +2,11 @@
 
 For each body size, a fresh `rerank-sidecar serve` (a real process on loopback ports) gets one HTTP
 request holding one document of that size; the script reads the process's peak RSS (VmHWM) before
-and after, and times a 3-document gRPC request sent while the big one is being handled (against the
-same request on the idle server, measured in the same run). Prints a Markdown table.
+and after, and times a 3-document gRPC request sent while the big one (or --concurrency of them) is
+being handled (against the same request on the idle server, measured in the same run). Prints a
+Markdown table.
 
-    python scripts/memory_bench.py [--model DIR] [--sizes-mb 1 2 4 7.5]
+    python scripts/memory_bench.py [--model DIR] [--sizes-mb 1 2 4 7.5] [--concurrency 1] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def small_request_seconds(target: str) -> float:
 
 
 def one_size(mb: float, args: argparse.Namespace) -> dict[str, float]:
-    extra = ["--max-body-bytes", str(16 << 20)]
+    extra = ["--max-body-bytes", str(16 << 20), "--max-documents", "1000"]
     if args.model:
         extra += ["--model", args.model]
-    with SidecarProcess([*extra, "--dtype", "float32"]) as sc:
+    with SidecarProcess([*extra, "--dtype", args.dtype]) as sc:
         assert sc.proc is not None
         pid = sc.proc.pid
         idle = min(small_request_seconds(sc.grpc_target) for _ in range(3))
@@ -59,18 +60,23 @@ def one_size(mb: float, args: argparse.Namespace) -> dict[str, float]:
         text = (words * (int(mb * (1 << 20)) // len(words) + 1))[: int(mb * (1 << 20))]
         body = json.dumps({"query": "influenza vaccine", "documents": [text]}).encode()
         status: list[int] = []
-        big = threading.Thread(target=lambda: status.append(post(sc.http_url + "/v1/rerank", body)))
+        bigs = [
+            threading.Thread(target=lambda: status.append(post(sc.http_url + "/v1/rerank", body)))
+            for _ in range(args.concurrency)
+        ]
         t0 = time.perf_counter()
-        big.start()
-        time.sleep(0.05)  # the big request is on its way
+        for big in bigs:
+            big.start()
+        time.sleep(0.05)  # the big requests are on their way
         behind = small_request_seconds(sc.grpc_target)
-        big.join()
+        for big in bigs:
+            big.join()
         big_s = time.perf_counter() - t0
         after = rss_kb(pid, "VmHWM")
         now = rss_kb(pid, "VmRSS")
     return {
         "mb": mb,
-        "status": status[0],
+        "status": max(status),
         "rss_before_mb": before / 1024,
         "peak_mb": after / 1024,
         "growth_mb": (after - before) / 1024,
@@ -87,6 +93,8 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="model directory (default: the packaged model)")
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1.0, 2.0, 4.0, 7.5])
+    parser.add_argument("--concurrency", type=int, default=1, help="big requests sent at once")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     print(
         "| body MB | status | peak RSS before, MB | peak RSS after, MB | growth, MB | growth / body | "

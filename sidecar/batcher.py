@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sidecar.errors import DeadlineExceeded, InternalError, NotReady, Overloaded
+from sidecar.errors import DeadlineExceeded, InternalError, InvalidInput, NotReady, Overloaded
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Pair, Scorer
 
@@ -115,6 +115,12 @@ class Batcher:
         if self.failed.done():
             raise InternalError("the batcher stopped; retry on another replica")
         n = len(pairs)
+        if n > self.max_queue_pairs:
+            # Not "retry later": it would never fit (Settings refuses max_documents > max_queue_pairs).
+            raise InvalidInput(
+                f"{n} pairs can never fit the queue of {self.max_queue_pairs}: send at most "
+                f"{self.max_queue_pairs} documents"
+            )
         if self._queued_pairs + n > self.max_queue_pairs:
             raise Overloaded(
                 f"queue full: {self._queued_pairs} pairs waiting, this request adds {n}, limit "
@@ -153,7 +159,9 @@ class Batcher:
                 item.job.future.set_exception(NotReady("the sidecar shut down before this request ran"))
         self._queue.clear()
         self._queued_pairs = 0
-        self._executor.shutdown(wait=True)
+        # A batch still in the model is not waited for: its requests were answered when the drain
+        # ended, and the process exits right after.
+        self._executor.shutdown(wait=False)
 
     # ---- internals ----------------------------------------------------------------------------
     def _abandon(self, job: _Job, reason: str) -> None:

@@ -46,7 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        for error in exc.errors():  # one line each: the setting and what is wrong with it
+            where = ".".join(str(x) for x in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"invalid setting{' ' + where if where else ''}: {message}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from sidecar.server import main

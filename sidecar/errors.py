@@ -74,6 +74,23 @@ class InvalidSchema(InvalidInput):
 
 
 _TABLE[InvalidSchema] = Status(grpc.StatusCode.INVALID_ARGUMENT, 422)
+
+
+class UnsupportedMediaType(InvalidInput):
+    """An HTTP POST whose Content-Type is not JSON (HTTP 415): refusing it keeps browsers' simple
+    cross-site requests (text/plain, forms) away from a loopback sidecar."""
+
+    code = "unsupported_media_type"
+
+
+class SlowBody(InvalidInput):
+    """An HTTP body that did not arrive within http_body_timeout_s (HTTP 408)."""
+
+    code = "request_timeout"
+
+
+_TABLE[UnsupportedMediaType] = Status(grpc.StatusCode.INVALID_ARGUMENT, 415)
+_TABLE[SlowBody] = Status(grpc.StatusCode.INVALID_ARGUMENT, 408)
 # -----------------------------------------------------------------------------------------------
 
 GENERIC_INTERNAL_MESSAGE = "internal error; the sidecar logged the details"

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from sidecar import __version__
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
-from sidecar.errors import RerankError, outcome_label, public_message, status_of
+from sidecar.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RerankError,
+    outcome_label,
+    public_message,
+    status_of,
+)
 from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
 from sidecar.service import RerankService
 from sidecar.types import Document, HitStatus, RerankQuery, RerankResult
@@ -62,6 +71,93 @@ def result_to_proto(result: RerankResult) -> pb.RerankResponse:
         )
     )
     return response
+
+
+class Unreadable:
+    """What the deserializer hands the servicer instead of raising: a message that is not a valid
+    request (corrupt or truncated bytes, invalid UTF-8 in a string) or is over the size limit.
+
+    A raising deserializer would make grpc answer UNKNOWN with the exception's class name and log a
+    traceback per call; this way the client gets INVALID_ARGUMENT and the log stays quiet."""
+
+    def __init__(self, error: InvalidInput) -> None:
+        self.error = error
+
+
+def _tolerant(message_cls: Any, max_bytes: int) -> Callable[[bytes], Any]:
+    name = message_cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return Unreadable(
+                PayloadTooLarge(
+                    f"the {len(data)}-byte message exceeds the limit of {max_bytes} bytes: send fewer or "
+                    "shorter documents (the operator can raise RERANK_MAX_BODY_BYTES)"
+                )
+            )
+        try:
+            return message_cls.FromString(data)
+        except Exception:  # DecodeError and whatever else a parser may raise: never UNKNOWN
+            return Unreadable(
+                InvalidInput(
+                    f"the message is not a valid {name} (corrupt or truncated protobuf, or a string field "
+                    "that is not UTF-8): send it with a generated reranker.v1 client"
+                )
+            )
+
+    return deserialize
+
+
+def add_to_server(servicer: RerankerServicer, server: grpc.aio.Server, max_message_bytes: int) -> None:
+    """Register reranker.v1.RerankerService with tolerant deserializers (what the generated
+    `add_RerankerServiceServicer_to_server` does, but a bad message gets INVALID_ARGUMENT, counted)."""
+
+    def count(error: InvalidInput) -> None:
+        servicer.service.metrics.requests.labels(API, outcome_label(error)).inc()
+
+    add_tolerant(
+        server, pb.DESCRIPTOR.services_by_name["RerankerService"], pb, servicer, max_message_bytes, count
+    )
+
+
+def add_tolerant(
+    server: grpc.aio.Server,
+    service: Any,
+    messages: Any,
+    servicer: Any,
+    max_message_bytes: int,
+    on_unreadable: Callable[[InvalidInput], None] | None = None,
+) -> None:
+    """Register every method of `service` (a service descriptor; `messages` its generated module) that
+    `servicer` implements, with deserializers that never raise: an `Unreadable` request is answered
+    INVALID_ARGUMENT before the servicer sees it."""
+
+    def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Unreadable):
+                if on_unreadable is not None:
+                    on_unreadable(request.error)
+                await context.abort(status_of(request.error).grpc, public_message(request.error))
+            return await method(request, context)
+
+        return call
+
+    handlers = {}
+    for m in service.methods:
+        if m.client_streaming or not hasattr(servicer, m.name):
+            continue
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if m.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[m.name] = kind(
+            guarded(getattr(servicer, m.name)),
+            request_deserializer=_tolerant(getattr(messages, m.input_type.name), max_message_bytes),
+            response_serializer=getattr(messages, m.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class RerankerServicer(pb_grpc.RerankerServiceServicer):

@@ -38,6 +38,8 @@ from sidecar.errors import (
     InvalidSchema,
     PayloadTooLarge,
     RerankError,
+    SlowBody,
+    UnsupportedMediaType,
     json_type_name,
     outcome_label,
     public_message,
@@ -151,8 +153,8 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     top_n = obj.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
         raise InvalidSchema(f"`top_n` must be a non-negative integer, got {top_n!r}")
-    # Cohere semantics: 0 or absent means all, more than there are means all.
-    top_n = None if all_documents or not top_n else min(top_n, len(documents)) or None
+    # 0 or absent means all; the service applies the rest of the rule (more than there are means all).
+    top_n = None if all_documents or not top_n else top_n
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise InvalidSchema(f"`instruction` must be a string, got {json_type_name(instruction)}")
@@ -259,6 +261,7 @@ class HttpApi:
         self.service = service
         self.metrics = metrics
         self.max_body_bytes = settings.max_body_bytes
+        self.body_timeout_s = settings.http_body_timeout_s
 
     def _rejected(self, err: RerankError) -> web.Response:
         # Refused before the service saw it, so the service's request counter did not count it.
@@ -266,12 +269,24 @@ class HttpApi:
         return error_response(err)
 
     async def _read(self, request: web.Request) -> bytes:
+        if request.content_type != JSON_TYPE:
+            got = request.headers.get("Content-Type") or "none"
+            raise UnsupportedMediaType(
+                f"Content-Type must be {JSON_TYPE}, got {got}: send the body as JSON "
+                f"(curl: -H 'content-type: {JSON_TYPE}')"
+            )
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise PayloadTooLarge(self._too_large(request.content_length))
         try:
-            return await request.read()
+            async with asyncio.timeout(self.body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise PayloadTooLarge(self._too_large(None)) from exc
+        except TimeoutError as exc:
+            raise SlowBody(
+                f"the body did not arrive within {self.body_timeout_s:g}s of its headers "
+                "(the operator can raise RERANK_HTTP_BODY_TIMEOUT_S)"
+            ) from exc
 
     def _too_large(self, size: int | None) -> str:
         got = f"{size} bytes" if size is not None else "the body"
@@ -283,7 +298,7 @@ class HttpApi:
     def _endpoint(self, shape: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                body = await self._read(request)
+                body = await self.service.receive(self._read(request))
                 deadline = parse_deadline(request)
                 q, return_documents = parse_request(
                     decode_json(body), deadline, all_documents=shape == "scores"
@@ -364,10 +379,16 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(exc)
 
 
+async def _no_version_banner(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would announce "Python/3.x aiohttp/3.y": versions help only those looking for holes.
+    response.headers["Server"] = "rerank-sidecar"
+
+
 def create_app(service: RerankService, metrics: Metrics, settings: Settings) -> web.Application:
     api = HttpApi(service, metrics, settings)
     # client_max_size also bounds chunked bodies, which carry no Content-Length to check up front.
     app = web.Application(client_max_size=api.max_body_bytes, middlewares=[_json_errors])
+    app.on_response_prepare.append(_no_version_banner)
     for path, shape in (
         (mlcommons.PATH_COHERE, "cohere"),
         ("/v2/rerank", "cohere"),

@@ -19,13 +19,12 @@ import typing
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
-from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
 from sidecar.batcher import Batcher
-from sidecar.grpc_api import RerankerServicer
+from sidecar.grpc_api import RerankerServicer, add_to_server, add_tolerant
 from sidecar.health import Health
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Scorer
@@ -34,13 +33,33 @@ from sidecar.settings import Settings, env_name, flag_name
 
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.so_reuseport", 0),
-]
+# Messages over max_body_bytes are refused INVALID_ARGUMENT by our deserializer (they can never
+# succeed); gRPC itself refuses those over this many times the limit (RESOURCE_EXHAUSTED), so no
+# message of any size is buffered whole.
+GRPC_HARD_LIMIT_FACTOR = 2
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    s = settings
+    keepalive_ms = int(s.grpc_keepalive_s * 1000)
+    return [
+        ("grpc.max_receive_message_length", GRPC_HARD_LIMIT_FACTOR * s.max_body_bytes),
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.so_reuseport", 0),
+        # Connections that never finish the HTTP/2 handshake (a raw or slow TCP client).
+        ("grpc.server_handshake_timeout_ms", int(s.connection_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(s.grpc_idle_timeout_s * 1000)),
+        # Our pings find dead peers; clients' pings faster than ours are abuse (GOAWAY after 2 strikes).
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
 # After the drain, how long RPCs still open (Health.Watch streams, answers being written) may take.
 CLOSE_GRACE_S = 1.0
+LINGER_S = 2.0
 
 
 class SidecarServer:
@@ -61,9 +80,10 @@ class SidecarServer:
     async def start(self) -> None:
         """Bind every port and begin loading the model; `loaded` completes when SERVING."""
         s = self.settings
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_RerankerServiceServicer_to_server(RerankerServicer(self.service), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        server = grpc.aio.server(options=grpc_options(s))
+        add_to_server(RerankerServicer(self.service), server, s.max_body_bytes)
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        add_tolerant(server, health, health_pb2, self.health.servicer, s.max_body_bytes)
         reflection.enable_server_reflection(
             (
                 pb.DESCRIPTOR.services_by_name["RerankerService"].full_name,
@@ -72,9 +92,12 @@ class SidecarServer:
             ),
             server,
         )
+        # Probed first: grpc's own failure says only "Failed to bind" and prints a C++ log line too.
+        if s.grpc_port and (code := _probe_bind(s.host, s.grpc_port)) is not None:
+            raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", code)
         try:
             self.grpc_port = server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
-        except RuntimeError as exc:  # grpc says only "Failed to bind"; the probe in _bind_error says why
+        except RuntimeError as exc:
             raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", None) from exc
         await self.health.set_serving(False)
         await server.start()
@@ -83,7 +106,7 @@ class SidecarServer:
             await self._start_http()
             self._start_metrics()
         except BaseException:
-            await self._close(0)
+            await self._close(0, quiet=True)  # release what did start; the caller reports why
             raise
         log.info(
             "listening: grpc %s:%d, http %s:%d, metrics %s:%d",
@@ -114,14 +137,30 @@ class SidecarServer:
         from sidecar.http_api import create_app
 
         app = create_app(self.service, self.metrics, self.settings)
-        runner = web.AppRunner(app, shutdown_timeout=self.settings.drain_seconds, access_log=None)
+        # Handlers are cancelled when their client disconnects (its pairs then never reach the model);
+        # by the time the runner shuts down, every request was answered, so its timeout only covers
+        # writing the last answers.
+        # aiohttp's keep-alive timer runs from a connection's start and from each answer until a
+        # complete request (headers) arrives: it is the header and idle timeout.
+        runner = web.AppRunner(
+            app,
+            shutdown_timeout=CLOSE_GRACE_S,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=self.settings.connection_timeout_s,
+            # After an early answer (413, 408) the rest of a body is read and dropped for at most this
+            # long, so the client sees the answer; a body that keeps trickling is then cut off.
+            lingering_time=LINGER_S,
+        )
         await runner.setup()
         self._http_runner = runner
         site = web.TCPSite(runner, self.settings.host, self.settings.http_port)
         try:
             await site.start()
         except OSError as exc:
-            raise _bind_error("HTTP", self.settings.host, self.settings.http_port, "http_port", exc) from exc
+            raise _bind_error(
+                "HTTP", self.settings.host, self.settings.http_port, "http_port", exc.errno
+            ) from exc
         self.http_port = runner.addresses[0][1]
 
     def _start_metrics(self) -> None:
@@ -131,7 +170,7 @@ class SidecarServer:
         try:
             server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
         except OSError as exc:
-            raise _bind_error("metrics", s.host, s.metrics_port, "metrics_port", exc) from exc
+            raise _bind_error("metrics", s.host, s.metrics_port, "metrics_port", exc.errno) from exc
         self._metrics_server = server
         self.metrics_port = server.server_port
 
@@ -146,13 +185,20 @@ class SidecarServer:
         if self.loaded and not self.loaded.done():
             self.loaded.cancel()
         if not await self.service.wait_idle(grace):
-            log.warning("drain period over with %s still in flight", _requests(self.service.in_flight))
+            log.warning(
+                "drain period over with %s still in flight: answering UNAVAILABLE / 503",
+                _requests(self.service.in_flight),
+            )
+            self.service.abort_in_flight()
+            await self.service.wait_idle(CLOSE_GRACE_S)
         await self._close(CLOSE_GRACE_S)
 
-    async def _close(self, grace: float) -> None:
+    async def _close(self, grace: float, quiet: bool = False) -> None:
         """Close the listeners (RPCs still open get `grace` seconds), the batcher and the metrics server."""
         if self._watch:
             self._watch.cancel()
+        if not quiet:
+            log.info("closing the listeners")
         stops = []
         if self._grpc:
             stops.append(self._grpc.stop(grace))
@@ -163,16 +209,16 @@ class SidecarServer:
         if self._metrics_server:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
 
 
 class StartupError(Exception):
     """The server cannot start for a reason the operator can fix; the message says how."""
 
 
-def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None) -> StartupError:
-    """One line naming the port, why it could not be bound, and the flag that moves it."""
-    code = exc.errno if exc is not None else _probe_bind(host, port)
+def _bind_error(what: str, host: str, port: int, field: str, code: int | None) -> StartupError:
+    """One line naming the port, why it could not be bound (`code`, an errno), and the flag that moves it."""
     if code == errno.EADDRINUSE:
         why = "the port is already in use (is another sidecar still running?)"
     elif code == errno.EACCES:
@@ -180,7 +226,7 @@ def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None
     elif code == errno.EADDRNOTAVAIL:
         why = f"{host} is not an address of this machine"
     else:
-        why = f"{exc.strerror if exc is not None and exc.strerror else 'the address cannot be bound'}"
+        why = os.strerror(code) if code else "the address cannot be bound"
     return StartupError(
         f"cannot listen for {what} on {host}:{port}: {why}; stop whatever holds it or pick another port "
         f"with {flag_name(field)} / {env_name(field)} (0 picks a free one)"
@@ -188,9 +234,11 @@ def _bind_error(what: str, host: str, port: int, field: str, exc: OSError | None
 
 
 def _probe_bind(host: str, port: int) -> int | None:
-    """The errno a plain bind of (host, port) gets now; grpc's own bind error carries none."""
+    """The errno a bind of (host, port) gets now (None: it would succeed), with SO_REUSEADDR as grpc
+    sets it, so a port whose old connections are in TIME_WAIT does not look busy."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host.strip("[]"), port))
         except OSError as exc:
@@ -223,16 +271,17 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; exit code 0 after a clean drain, 1 if the server could not start or the
     model failed to load."""
     server = SidecarServer(settings)
+    # Before the ports open: a SIGTERM right after "listening" must drain, not kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
     except StartupError as exc:
         # One line for an operator's mistake; the traceback only when asked for.
         log.error("%s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     assert server.loaded is not None
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({server.loaded, stopper}, return_when=asyncio.FIRST_COMPLETED)

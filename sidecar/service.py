@@ -10,7 +10,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from sidecar.batcher import Batcher
 from sidecar.errors import (
@@ -35,6 +37,7 @@ from sidecar.settings import Settings
 from sidecar.types import HitStatus, ModelInfo, RankedHit, RerankQuery, RerankResult, Timings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Pairs tokenized per step. Documents are clipped to what the model reads, so a slice costs at most
 # about MEASURE_SLICE_PAIRS x max_length x 8 characters of tokenizer work (tens of milliseconds).
@@ -59,6 +62,7 @@ class RerankService:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._aborted_future: asyncio.Future[None] | None = None
         # Resolved by `start` (it may read the model directory's fusion.json).
         self.default_fusion: FusionSpec | None = None
         self._told_blend_skipped = False
@@ -152,10 +156,9 @@ class RerankService:
     async def rerank(self, query: RerankQuery, api: str) -> RerankResult:
         started = time.perf_counter()
         error: BaseException | None = None
-        self.in_flight += 1
-        self._idle.clear()
+        self._count(+1)
         try:
-            return await self._rerank(query, started)
+            return await self._unless_aborted(self._rerank(query, started))
         except RerankError as exc:
             error = exc
             raise
@@ -167,12 +170,55 @@ class RerankService:
             error = exc
             raise InternalError("unexpected error") from exc
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self._count(-1)
             outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome_label(error)
             self.metrics.requests.labels(api, outcome).inc()
             self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)
+
+    async def receive(self, arriving: Coroutine[Any, Any, T]) -> T:
+        """A front end's request still arriving (an HTTP body being read): counted in flight so the
+        drain waits for it, answered NotReady if the drain ends first, refused at once while draining."""
+        if self._draining:
+            arriving.close()
+            raise NotReady("the sidecar is shutting down; retry on another replica")
+        self._count(+1)
+        try:
+            return await self._unless_aborted(arriving)
+        finally:
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.in_flight += delta
+        if self.in_flight == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def _unless_aborted(self, work: Coroutine[Any, Any, T]) -> T:
+        """`work`'s result, or NotReady as soon as the drain is over (`abort_in_flight`): every request
+        accepted gets an answer, even one still being tokenized or scored when the drain ends."""
+        task = asyncio.ensure_future(work)
+        either: set[asyncio.Future[Any]] = {task, self._aborted}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()  # the client went away: its pairs leave the queue
+            raise
+        if not task.done():
+            task.cancel()
+            raise NotReady("the sidecar shut down before this request finished; retry on another replica")
+        return task.result()
+
+    @property
+    def _aborted(self) -> asyncio.Future[None]:
+        if self._aborted_future is None:  # created on the server's loop, at first use
+            self._aborted_future = asyncio.get_running_loop().create_future()
+        return self._aborted_future
+
+    def abort_in_flight(self) -> None:
+        """End of the drain: whatever is still running is answered NotReady now."""
+        if not self._aborted.done():
+            self._aborted.set_result(None)
 
     async def _rerank(self, q: RerankQuery, started: float) -> RerankResult:
         if not self.ready or self.scorer is None or self.batcher is None:
@@ -212,7 +258,8 @@ class RerankService:
         fused = fuse(fusion, scores.tolist(), [d.first_stage_score for d in q.documents])
         # Stable sort: equal scores keep first-stage (input) order.
         order = sorted(range(len(pairs)), key=lambda i: -fused[i])
-        top_n = q.top_n or len(order)
+        # One rule for every front end (Cohere's): 0 or unset means all, more than there are means all.
+        top_n = min(q.top_n or len(order), len(order))
         hits = [
             RankedHit(
                 index=i,
@@ -286,10 +333,8 @@ class RerankService:
                 f"{n} documents exceed this server's limit of {s.max_documents} per request: send at most "
                 f"{s.max_documents} (the operator can raise RERANK_MAX_DOCUMENTS)"
             )
-        if q.top_n is not None and not 0 <= q.top_n <= n:
-            raise InvalidInput(
-                f"top_n={q.top_n} is out of range: use 1..{n} (the number of documents), or 0 for all"
-            )
+        if q.top_n is not None and q.top_n < 0:
+            raise InvalidInput(f"top_n={q.top_n} is negative: use 1..{n}, or 0 for all")
         if q.instruction and not scorer.accepts_instruction:
             raise InvalidInput(
                 f"model {scorer.info.model_id} takes no instruction: remove `instruction` from the request"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RERANK_"
@@ -131,6 +131,33 @@ class Settings(BaseSettings):
         description="Prometheus /metrics port; 0 picks a free one. Metrics are also served on the HTTP port.",
     )
 
+    connection_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="A connection must deliver a complete request within this long after it opens (HTTP "
+        "headers; the HTTP/2 handshake on gRPC) and, on HTTP, after each answer, or it is closed. Frees "
+        "slow, header-only and idle connections; too low makes keep-alive clients reconnect more often.",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long an HTTP body may take to arrive once its headers have; slower bodies get "
+        "408. Too low refuses clients on slow links.",
+    )
+    grpc_keepalive_s: float = Field(
+        60.0,
+        gt=0,
+        description="The server pings each gRPC connection this often and drops it when no answer comes "
+        "within 20 s (finds dead peers); clients pinging more often than this get GOAWAY. Lower finds "
+        "dead peers sooner but costs pings and disconnects clients configured with a shorter keepalive.",
+    )
+    grpc_idle_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A gRPC connection with no call for this long is closed (clients reconnect on their "
+        "next call). Lower frees idle connections sooner; each reconnect costs one handshake.",
+    )
+
     # --- batching ----------------------------------------------------------------------------
     max_batch_tokens: int = Field(
         8192,
@@ -151,7 +178,8 @@ class Settings(BaseSettings):
         20000,
         ge=1,
         description="Bounded queue, in pairs. When a request would exceed it, it is refused at once with "
-        "RESOURCE_EXHAUSTED / 429: a low limit refuses clients instead of making them wait.",
+        "RESOURCE_EXHAUSTED / 429: a low limit refuses clients instead of making them wait. Must be at "
+        "least max_documents (checked at start-up), so any valid request fits an idle queue.",
     )
     max_documents: int = Field(
         1000,
@@ -163,10 +191,12 @@ class Settings(BaseSettings):
         10000, ge=1, description="Longest accepted query, in characters (guards tokenizer time)."
     )
     max_body_bytes: int = Field(
-        8 << 20,
+        4 << 20,
         ge=1024,
-        description="Largest accepted HTTP request body, in bytes; larger bodies get 413. Bounds memory "
-        "per request; 8 MiB holds 1,000 long documents.",
+        description="Largest accepted request, in bytes: an HTTP body (413 beyond) or a gRPC message "
+        "(INVALID_ARGUMENT beyond). A request in flight holds up to about 5x its size at peak, so 4 MiB "
+        "lets 16 max-size requests run at once within the manifests' 2 Gi beside the model; it holds "
+        "1,000 documents of 4 KB, more than a 512-token model reads of each.",
     )
     default_timeout_s: float = Field(
         30.0,
@@ -219,6 +249,18 @@ class Settings(BaseSettings):
         "this long to finish. Keep Kubernetes terminationGracePeriodSeconds above it.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # A request of max_documents that the queue could never hold would be refused "retry later"
+        # forever: refuse the configuration instead.
+        if self.max_queue_pairs < self.max_documents:
+            raise ValueError(
+                f"max_queue_pairs ({self.max_queue_pairs}) is below max_documents ({self.max_documents}): a "
+                "request of max_documents could never be queued; raise --max-queue-pairs or lower "
+                "--max-documents"
+            )
+        return self
 
 
 def env_name(field: str) -> str:

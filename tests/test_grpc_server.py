@@ -97,7 +97,6 @@ BAD_REQUESTS = [
     (pb.RerankRequest(query="   ", documents=[pb.Document(text="d")]), "query is empty"),
     (pb.RerankRequest(query="q"), "no documents"),
     (pb.RerankRequest(query="q", documents=[pb.Document(text="d")] * 6), "limit of 5"),
-    (pb.RerankRequest(query="q", documents=[pb.Document(text="d")] * 2, top_n=3), "top_n=3 is out of range"),
     (
         pb.RerankRequest(query="q", documents=[pb.Document(text="d")], instruction="Judge relevance"),
         "takes no instruction",
@@ -137,7 +136,9 @@ def test_long_documents_are_truncated_and_reported(server_factory, bert_scorer: 
 def test_overload_is_resource_exhausted(server_factory, bert_scorer: Scorer) -> None:
     gate = threading.Event()
     rec = RecordingScorer(bert_scorer, gate)
-    srv = server_factory(test_settings(max_queue_pairs=20, max_wait_ms=0, warmup=False), scorer=rec)
+    srv = server_factory(
+        test_settings(max_queue_pairs=20, max_documents=20, max_wait_ms=0, warmup=False), scorer=rec
+    )
     ch, stub = _stub(srv.target)
     docs = [pb.Document(text=t) for t in documents(15)]
     with ThreadPoolExecutor(2) as pool:

@@ -125,8 +125,8 @@ def test_a_busy_port_is_one_clear_line_and_a_non_zero_exit(flag: str) -> None:
         port = busy.getsockname()[1]
         proc = subprocess.run(_serve_cmd(flag, str(port)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1, proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and " ERROR " in errors[0], proc.stderr
     assert f"127.0.0.1:{port}" in errors[0] and "already in use" in errors[0] and flag in errors[0]
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sidecar.scoring._st import quiet_transformers
-from sidecar.scoring.base import Measure, Pair, Scorer
+from sidecar.scoring.base import Measure, Pair, Scorer, clip_text
 from sidecar.scoring.device import Placement
 from sidecar.scoring.prompts import Encoded, ERank, Family, family_class
 from sidecar.settings import Settings
@@ -156,7 +156,19 @@ class CausalLMScorer(Scorer):
         return self.family.mode == "generate"
 
     # ---- pre: prompt tokens (once per pair) ---------------------------------------------------
+    def _count(self, text: str) -> int:
+        with self._measure_lock:
+            return len(self._measure_family.tok(text, add_special_tokens=False)["input_ids"])
+
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
+        # No family reads more of a document than this, so only a prefix a little past it is held,
+        # tokenized and scored (memory per request bounded by the model, not by the request).
+        limit = self.family.field_tokens if isinstance(self.family, ERank) else self.family.max_length
+        clipped: list[Pair | None] = []
+        for p in pairs:
+            doc = clip_text(p.document, limit, self._count)
+            clipped.append(p._replace(document=doc) if doc is not p.document else None)
+        pairs = [c or p for c, p in zip(clipped, pairs, strict=True)]
         out = []
         with self._measure_lock:
             encs = [self._measure_family.encode(p.query, p.document, p.instruction) for p in pairs]
@@ -166,9 +178,9 @@ class CausalLMScorer(Scorer):
                 self._encodings.move_to_end(_key(p))
             while len(self._encodings) > _ENCODING_CACHE:
                 self._encodings.popitem(last=False)
-        for enc in encs:
+        for enc, c in zip(encs, clipped, strict=True):
             # Generated tokens cost like prompt tokens (KV cache, compute): the batcher's budget counts them.
-            out.append(Measure(len(enc.ids) + len(self._forced_ids) + self.max_new_tokens, enc.truncated))
+            out.append(Measure(len(enc.ids) + len(self._forced_ids) + self.max_new_tokens, enc.truncated, c))
         return out
 
     def _encode(self, pairs: Sequence[Pair]) -> list[list[int]]:

@@ -346,3 +346,18 @@ def test_unknown_causal_lm_needs_a_family(tmp_path: Path, llm_dirs: dict[str, Pa
     assert make_scorer(anonymous, dtype="float32", llm_family="mxbai-rerank-v2").info.backend == (
         "causal-lm/mxbai-rerank-v2"
     )
+
+
+def test_a_huge_document_is_clipped_before_tokenizing_and_scores_the_same(llm_dirs: dict[str, Path]) -> None:
+    """Memory per request is bounded by what the family reads, not by the request (issue 12's rule applied
+    to causal LMs): measuring keeps a prefix a little past the family's limit, and the score is that of
+    the whole document (the family truncates at its limit either way)."""
+    from sidecar.scoring.base import Pair
+
+    scorer = make_scorer(llm_dirs["qwen3-reranker"], dtype="float32", max_length=64)
+    huge = " ".join(["protein folding and the hydrophobic effect"] * 20_000)  # ~880 k characters
+    pair = Pair("what drives protein folding", huge)
+    (m,) = scorer.measure([pair])
+    assert m.clipped is not None and len(m.clipped.document) < len(huge) // 100 and m.truncated
+    assert huge.startswith(m.clipped.document)
+    assert scorer.score([m.clipped])[0] == pytest.approx(scorer.score([pair])[0], abs=1e-6)

@@ -172,12 +172,25 @@ def test_not_ready_is_503_until_warmed_up(bert_scorer: Scorer) -> None:
 
 # ---- overload and deadlines -------------------------------------------------------------------
 def test_overload_is_429(bert_scorer: Scorer) -> None:
-    srv = HttpServer(bert_scorer, max_queue_pairs=4, warmup=False)
+    gate = threading.Event()
+    rec = RecordingScorer(bert_scorer, gate)
+    # max_documents may not exceed max_queue_pairs (a request the queue could never hold is refused at
+    # start-up), so overload means a queue busy with other requests.
+    srv = HttpServer(rec, max_queue_pairs=4, max_documents=4, warmup=False, max_wait_ms=0)
+    body = {"query": QUERY, "documents": DOCS[:4]}
     try:
-        err = _error(post_json(srv.url, "/v1/rerank", {"query": QUERY, "documents": DOCS[:5]}), 429)
-        assert err["code"] == "overloaded"
-        assert post_json(srv.url, "/v1/rerank", {"query": QUERY, "documents": DOCS[:4]}).status == 200
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post_json, srv.url, "/v1/rerank", body)
+            assert rec.entered.wait(10)  # its pairs left the queue for the model
+            second = pool.submit(post_json, srv.url, "/v1/rerank", body)
+            while srv.server.service.batcher is None or srv.server.service.batcher.queued_pairs < 4:
+                time.sleep(0.01)
+            err = _error(post_json(srv.url, "/v1/rerank", {"query": QUERY, "documents": DOCS[:1]}), 429)
+            assert err["code"] == "overloaded"
+            gate.set()
+            assert first.result(30).status == 200 and second.result(30).status == 200
     finally:
+        gate.set()
         srv.stop()
 
 
