@@ -129,7 +129,10 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, default=100, help="first-stage hits reranked per query (default 100)")
     g.add_argument("--target", default=None, help="gRPC address of a running sidecar (else one is started)")
     g.add_argument(
-        "--http-url", default=None, help="HTTP base URL of a running sidecar (else one is started)"
+        "--http-url",
+        default=None,
+        help="HTTP base URL of a running sidecar (else one is started); with --api opensearch, the sidecar "
+        "the pipeline calls, whose /metrics then give its own time per call",
     )
     g.add_argument(
         "--model", default=None, help="model for the locally started sidecar (default: its default)"
@@ -376,7 +379,7 @@ def _build_reranker(
     if args.api == "opensearch":
         from sidecar.eval.opensearch_stage import OpenSearchPipelineReranker
 
-        return OpenSearchPipelineReranker(first_stage, args.opensearch_pipeline), args.target
+        return OpenSearchPipelineReranker(first_stage, args.opensearch_pipeline, args.http_url), args.target
     from sidecar.eval.rerankers import GrpcReranker, HttpReranker
 
     target, http_url = args.target, args.http_url

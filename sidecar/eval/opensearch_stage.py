@@ -85,6 +85,28 @@ class OpenSearchFirstStage:
         self.client.close()
 
 
+def sidecar_http_time(url: str) -> tuple[float, float]:
+    """(requests, seconds) the sidecar at `url` (its HTTP base URL) has spent answering HTTP rerank calls,
+    from its /metrics: `reranker_request_seconds{api="http"}` count and sum. The pipeline's calls reach the
+    sidecar from inside the cluster, so this is the only view of the sidecar's own time on that path."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as reply:
+        body = reply.read().decode()
+    count = total = 0.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.labels.get("api") != "http":
+                continue
+            if sample.name == "reranker_request_seconds_count":
+                count = sample.value
+            elif sample.name == "reranker_request_seconds_sum":
+                total = sample.value
+    return count, total
+
+
 class OpenSearchPipelineReranker:
     """Reranks inside the cluster: the same search, sent through a search pipeline (either path the installer
     makes: `rerank` with ml_opensearch, or ml_inference + rerank.by_field).
@@ -95,9 +117,12 @@ class OpenSearchPipelineReranker:
 
     name = "opensearch-pipeline"
 
-    def __init__(self, stage: OpenSearchFirstStage, pipeline: str) -> None:
+    def __init__(self, stage: OpenSearchFirstStage, pipeline: str, sidecar_url: str | None = None) -> None:
         self.stage = stage
         self.pipeline = pipeline
+        # With the sidecar's URL, its /metrics before and after the replay give its own time per call.
+        self.sidecar_url = sidecar_url
+        self._sidecar_start = sidecar_http_time(sidecar_url) if sidecar_url else None
 
     def rerank(self, query: str, docs: Sequence[tuple[str, CorpusDoc, float]]) -> RerankOutput:
         body = self.stage.body(query, len(docs))
@@ -117,7 +142,15 @@ class OpenSearchPipelineReranker:
         return RerankOutput(ranking=[(str(h["_id"]), float(h["_score"])) for h in response["hits"]["hits"]])
 
     def describe(self) -> dict[str, Any]:
-        return {"api": "opensearch-pipeline", "pipeline": self.pipeline, "url": self.stage.url}
+        d: dict[str, Any] = {"api": "opensearch-pipeline", "pipeline": self.pipeline, "url": self.stage.url}
+        if self.sidecar_url and self._sidecar_start is not None:
+            count, total = sidecar_http_time(self.sidecar_url)
+            calls = count - self._sidecar_start[0]
+            d["sidecar_url"] = self.sidecar_url
+            d["sidecar_calls"] = int(calls)  # warm-up queries included
+            if calls > 0:
+                d["sidecar_mean_ms"] = round(1000.0 * (total - self._sidecar_start[1]) / calls, 1)
+        return d
 
     def close(self) -> None:
         pass

@@ -424,7 +424,19 @@ def latency_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
 
 
 _FS_KEYS = ("kind", "engine", "k1", "b", "contents", "model", "search", "url", "index", "query")
-_RR_KEYS = ("api", "model_id", "backend", "device", "dtype", "instruction", "target", "url", "pipeline")
+_RR_KEYS = (
+    "api",
+    "model_id",
+    "backend",
+    "device",
+    "dtype",
+    "instruction",
+    "target",
+    "url",
+    "pipeline",
+    "sidecar_calls",
+    "sidecar_mean_ms",
+)
 
 
 def markdown(summary: Mapping[str, Any]) -> str:

@@ -104,3 +104,18 @@ def test_cli_loads_the_corpus_and_replays(osmem_url: str, tiny: Dataset, tmp_pat
     result = json.loads((out / report.RESULT_JSON).read_text())
     assert result["first_stage"]["index"] == "tiny-cli"
     assert result["metrics"]["first_stage"]["recall@10"] == 1.0
+
+
+def test_sidecar_time_on_the_pipeline_path_comes_from_its_metrics(bert_scorer, server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Through OpenSearch the sidecar's answers never reach the evaluator, so its own time is read from its
+    /metrics: the deltas count exactly the HTTP rerank calls made in between (a real server, real calls)."""
+    from sidecar.eval.opensearch_stage import sidecar_http_time
+    from tests.opensearch.conftest import post_json
+
+    srv = server_factory(scorer=bert_scorer)
+    url = f"http://127.0.0.1:{srv.server.http_port}"
+    count0, seconds0 = sidecar_http_time(url)
+    for _ in range(3):
+        assert post_json(url, "/v1/rerank", {"query": "q", "documents": ["a", "b c"]}).status == 200
+    count1, seconds1 = sidecar_http_time(url)
+    assert count1 - count0 == 3 and seconds1 > seconds0
