@@ -9,7 +9,8 @@ PYTHON ?= python3
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
+	# torch pinned first: an unpinned torch could pull another CUDA build. PyPI's 2.13.0 for Linux x86-64 is
+	# the CUDA build (~4.6 GB with its NVIDIA wheels); a local CPU wheel in PIP_FIND_LINKS is taken instead.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[torch,eval,train,dev]"
 	touch $@
