@@ -23,6 +23,7 @@ deadline. GET /health (/healthz), /metrics, /v1/info.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,6 @@ from sidecar.errors import (
     SlowBody,
     UnsupportedMediaType,
     json_type_name,
-    outcome_label,
     public_message,
     status_of,
 )
@@ -263,11 +263,6 @@ class HttpApi:
         self.max_body_bytes = settings.max_body_bytes
         self.body_timeout_s = settings.http_body_timeout_s
 
-    def _rejected(self, err: RerankError) -> web.Response:
-        # Refused before the service saw it, so the service's request counter did not count it.
-        self.metrics.requests.labels(API, outcome_label(err)).inc()
-        return error_response(err)
-
     async def _read(self, request: web.Request) -> bytes:
         if request.content_type != JSON_TYPE:
             got = request.headers.get("Content-Type") or "none"
@@ -297,25 +292,20 @@ class HttpApi:
 
     def _endpoint(self, shape: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            try:
+            with self.service.counting_refusals(API):
                 body = await self.service.receive(self._read(request))
                 deadline = parse_deadline(request)
                 q, return_documents = parse_request(
                     decode_json(body), deadline, all_documents=shape == "scores"
                 )
-            except RerankError as err:
-                return self._rejected(err)
-            try:
-                result = await self.service.rerank(q, API)
-                if shape == "cohere":
-                    payload: Any = cohere_body(result, q, return_documents)
-                elif shape == "list":
-                    payload = list_body(result)
-                else:
-                    payload = scores_body(result, len(q.documents))
-                return json_response(payload, headers=_headers(result))
-            except RerankError as err:
-                return error_response(err)
+            result = await self.service.rerank(q, API)
+            if shape == "cohere":
+                payload: Any = cohere_body(result, q, return_documents)
+            elif shape == "list":
+                payload = list_body(result)
+            else:
+                payload = scores_body(result, len(q.documents))
+            return json_response(payload, headers=_headers(result))
 
         return handle
 
@@ -329,34 +319,19 @@ class HttpApi:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def info(self, request: web.Request) -> web.Response:
-        try:
-            info = self.service.model_info()
-            default_fusion = self.service.fusion_default()
-        except RerankError as err:
-            return error_response(err)
-        s = self.service.settings
-        return json_response(
-            {
-                "model_id": info.model_id,
-                "model_revision": info.revision,
-                "backend": info.backend,
-                "device": info.device,
-                "dtype": info.dtype,
-                "max_length": info.max_length,
-                "accepts_instruction": info.accepts_instruction,
-                "max_documents": s.max_documents,
-                "max_body_bytes": self.max_body_bytes,
-                "default_fusion": default_fusion.to_dict(),
-                "ready": self.service.ready,
-            }
-        )
+        info = self.service.info()
+        return json_response({**dataclasses.asdict(info), "default_fusion": info.default_fusion.to_dict()})
 
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as JSON: routing errors keep their status, anything unexpected is a generic 500."""
+    """The one place the HTTP front end turns exceptions into statuses (sidecar.errors' table); handlers
+    raise, never build error answers. Every error leaves as JSON: routing errors keep their status,
+    anything unexpected is a generic 500 with its traceback in the log."""
     try:
         return await handler(request)
+    except RerankError as err:
+        return error_response(err)
     except web.HTTPRequestEntityTooLarge:
         return error_response(PayloadTooLarge("the body exceeds the configured size limit"))
     except web.HTTPException as exc:

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar.batcher import Batcher
-from sidecar.grpc_api import RerankerServicer, add_to_server, add_tolerant
+from sidecar.grpc_api import RerankerServicer, StatusInterceptor, add_to_server, add_tolerant
 from sidecar.health import Health
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Scorer
@@ -80,7 +80,7 @@ class SidecarServer:
     async def start(self) -> None:
         """Bind every port and begin loading the model; `loaded` completes when SERVING."""
         s = self.settings
-        server = grpc.aio.server(options=grpc_options(s))
+        server = grpc.aio.server(options=grpc_options(s), interceptors=[StatusInterceptor()])
         add_to_server(RerankerServicer(self.service), server, s.max_body_bytes)
         health = health_pb2.DESCRIPTOR.services_by_name["Health"]
         add_tolerant(server, health, health_pb2, self.health.servicer, s.max_body_bytes)
