@@ -17,12 +17,15 @@ from sidecar.errors import (
     InvalidInput,
     PayloadTooLarge,
     RerankError,
+    Unauthenticated,
     outcome_label,
     public_message,
     status_of,
 )
 from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
+from sidecar.security import AUTHORIZATION, bearer_ok
 from sidecar.service import RerankService
+from sidecar.settings import SERVICE_NAME
 from sidecar.types import Document, HitStatus, RerankQuery, RerankResult, ServiceInfo
 
 log = logging.getLogger(__name__)
@@ -166,7 +169,8 @@ def add_tolerant(
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The one place the gRPC front end turns exceptions into statuses (sidecar.errors' table): servicer
     methods raise, never abort. Anything unexpected is INTERNAL with a generic message and its traceback
-    in the log. Streaming-request methods (reflection) pass through untouched: they raise nothing of ours."""
+    in the log. Listed first, so it also answers what the interceptors after it raise (AuthInterceptor).
+    Async-generator methods (reflection) pass through untouched: they raise nothing of ours."""
 
     async def intercept_service(
         self,
@@ -174,20 +178,39 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
-        kind, behaviour = (
-            (grpc.unary_stream_rpc_method_handler, handler.unary_stream)
-            if handler.response_streaming
-            else (grpc.unary_unary_rpc_method_handler, handler.unary_unary)
-        )
+        behaviour = _behaviour(handler)
         if inspect.isasyncgenfunction(behaviour):  # an async generator cannot be awaited whole
             return handler
-        return kind(
-            _answering(behaviour, details.method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return _with_behaviour(handler, _answering(behaviour, details.method))
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    if handler.request_streaming:
+        return handler.stream_stream if handler.response_streaming else handler.stream_unary  # type: ignore[no-any-return]
+    return handler.unary_stream if handler.response_streaming else handler.unary_unary  # type: ignore[no-any-return]
+
+
+def _with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """`handler` (same kind, same (de)serializers) running `behaviour` instead."""
+    if handler.request_streaming:
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
         )
+    else:
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+    return kind(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _answering(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
@@ -203,6 +226,42 @@ def _answering(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callabl
             await context.abort(status_of(exc).grpc, public_message(exc))
 
     return call
+
+
+# What each `auth_exempt` name opens on gRPC (method-name prefixes).
+GRPC_EXEMPT = {
+    "health": ("/grpc.health.v1.Health/",),
+    "reflection": ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/"),
+    "info": (f"/{SERVICE_NAME}/Info",),
+    "metrics": (),  # HTTP only
+}
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every call but the exempt ones must carry `authorization: Bearer <auth_token>`; others are
+    refused with Unauthenticated before their method runs (answered by StatusInterceptor)."""
+
+    def __init__(self, token: str, exempt: set[str]) -> None:
+        self._token = token
+        self._open = tuple(prefix for name in sorted(exempt) for prefix in GRPC_EXEMPT[name])
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self._open):
+            return handler
+        header = next((v for k, v in details.invocation_metadata or () if k == AUTHORIZATION), None)
+        if bearer_ok(header, self._token):
+            return handler
+        refusal = Unauthenticated.for_header(header)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            raise refusal
+
+        return _with_behaviour(handler, refuse)
 
 
 def info_to_proto(info: ServiceInfo) -> pb.InfoResponse:

@@ -40,6 +40,7 @@ from sidecar.errors import (
     PayloadTooLarge,
     RerankError,
     SlowBody,
+    Unauthenticated,
     UnsupportedMediaType,
     json_type_name,
     public_message,
@@ -48,6 +49,7 @@ from sidecar.errors import (
 from sidecar.fusion import FusionSpec
 from sidecar.metrics import Metrics
 from sidecar.opensearch import mlcommons
+from sidecar.security import bearer_ok
 from sidecar.service import RerankService
 from sidecar.settings import Settings
 from sidecar.types import Document, HitStatus, RankedHit, RerankQuery, RerankResult
@@ -252,7 +254,11 @@ def error_response(err: BaseException) -> web.Response:
     status = status_of(err)
     code = err.code if isinstance(err, RerankError) and not isinstance(err, InternalError) else "internal"
     body = {"error": {"code": code, "message": public_message(err), "status": status.http}}
-    return json_response(body, status=status.http)
+    # RFC 6750: a 401 names the scheme it wants.
+    headers = None
+    if isinstance(err, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="rerank-sidecar"'}
+    return json_response(body, status=status.http, headers=headers)
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -359,10 +365,38 @@ async def _no_version_banner(request: web.Request, response: web.StreamResponse)
     response.headers["Server"] = "rerank-sidecar"
 
 
+# What each `auth_exempt` name opens on HTTP.
+HTTP_EXEMPT = {
+    "health": ("/health", "/healthz"),
+    "metrics": ("/metrics",),
+    "info": ("/v1/info",),
+    "reflection": (),  # gRPC only
+}
+
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def _bearer_required(token: str, exempt: set[str]) -> Middleware:
+    open_paths = frozenset(path for name in exempt for path in HTTP_EXEMPT[name])
+
+    @web.middleware
+    async def authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization")
+        if request.path not in open_paths and not bearer_ok(header, token):
+            raise Unauthenticated.for_header(header)  # answered by _json_errors, before the body is read
+        return await handler(request)
+
+    return authenticated
+
+
 def create_app(service: RerankService, metrics: Metrics, settings: Settings) -> web.Application:
     api = HttpApi(service, metrics, settings)
+    middlewares: list[Any] = [_json_errors]
+    if settings.auth_token is not None:
+        middlewares.append(_bearer_required(settings.auth_token, settings.exempt))
     # client_max_size also bounds chunked bodies, which carry no Content-Length to check up front.
-    app = web.Application(client_max_size=api.max_body_bytes, middlewares=[_json_errors])
+    app = web.Application(client_max_size=api.max_body_bytes, middlewares=middlewares)
     app.on_response_prepare.append(_no_version_banner)
     for path, shape in (
         (mlcommons.PATH_COHERE, "cohere"),
