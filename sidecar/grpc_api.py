@@ -23,6 +23,7 @@ from sidecar.errors import (
     status_of,
 )
 from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
+from sidecar.metrics import Metrics
 from sidecar.security import AUTHORIZATION, bearer_ok
 from sidecar.service import RerankService
 from sidecar.settings import SERVICE_NAME
@@ -241,8 +242,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every call but the exempt ones must carry `authorization: Bearer <auth_token>`; others are
     refused with Unauthenticated before their method runs (answered by StatusInterceptor)."""
 
-    def __init__(self, token: str, exempt: set[str]) -> None:
+    def __init__(self, token: str, exempt: set[str], metrics: Metrics) -> None:
         self._token = token
+        self._metrics = metrics
         self._open = tuple(prefix for name in sorted(exempt) for prefix in GRPC_EXEMPT[name])
 
     async def intercept_service(
@@ -256,6 +258,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         header = next((v for k, v in details.invocation_metadata or () if k == AUTHORIZATION), None)
         if bearer_ok(header, self._token):
             return handler
+        self._metrics.auth_refused.labels(API).inc()
         refusal = Unauthenticated.for_header(header)
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -377,13 +377,14 @@ HTTP_EXEMPT = {
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
-def _bearer_required(token: str, exempt: set[str]) -> Middleware:
+def _bearer_required(token: str, exempt: set[str], metrics: Metrics) -> Middleware:
     open_paths = frozenset(path for name in exempt for path in HTTP_EXEMPT[name])
 
     @web.middleware
     async def authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization")
         if request.path not in open_paths and not bearer_ok(header, token):
+            metrics.auth_refused.labels(API).inc()
             raise Unauthenticated.for_header(header)  # answered by _json_errors, before the body is read
         return await handler(request)
 
@@ -394,7 +395,7 @@ def create_app(service: RerankService, metrics: Metrics, settings: Settings) -> 
     api = HttpApi(service, metrics, settings)
     middlewares: list[Any] = [_json_errors]
     if settings.auth_token is not None:
-        middlewares.append(_bearer_required(settings.auth_token, settings.exempt))
+        middlewares.append(_bearer_required(settings.auth_token, settings.exempt, metrics))
     # client_max_size also bounds chunked bodies, which carry no Content-Length to check up front.
     app = web.Application(client_max_size=api.max_body_bytes, middlewares=middlewares)
     app.on_response_prepare.append(_no_version_banner)

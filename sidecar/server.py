@@ -97,7 +97,7 @@ class SidecarServer:
         # StatusInterceptor first: it answers what the others raise.
         interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
         if s.auth_token is not None:
-            interceptors.append(AuthInterceptor(s.auth_token, s.exempt))
+            interceptors.append(AuthInterceptor(s.auth_token, s.exempt, self.metrics))
         server = grpc.aio.server(options=grpc_options(s), interceptors=interceptors)
         add_to_server(RerankerServicer(self.service), server, s.max_body_bytes)
         health = health_pb2.DESCRIPTOR.services_by_name["Health"]

@@ -144,7 +144,11 @@ def test_a_missing_or_wrong_token_is_unauthenticated_while_health_and_metrics_an
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     for path in ("/health", "/healthz", "/metrics"):
         assert _http(f"{url}{path}")[0] == 200, path
-    assert _http(f"http://127.0.0.1:{srv.server.metrics_port}/metrics")[0] == 200
+    status, _, metrics = _http(f"http://127.0.0.1:{srv.server.metrics_port}/metrics")
+    assert status == 200
+    # Per wrong token: Rerank and Info on gRPC, /v1/rerank and /v1/info on HTTP; reflection once more.
+    assert b'reranker_auth_refused_total{api="grpc"} 7.0' in metrics
+    assert b'reranker_auth_refused_total{api="http"} 6.0' in metrics
 
     with RerankerClient(srv.target, ClientSecurity(token=TOKEN)) as client:
         assert len(client.rerank("what does a reranker do", DOCS).hits) == 2
