@@ -83,19 +83,53 @@ def _rpc_error(target: str, exc: Exception) -> UserError:
     call = exc if isinstance(exc, grpc.Call) else None
     code = call.code() if call else None
     details = (call.details() if call else str(exc)) or ""
+    if code == grpc.StatusCode.UNAVAILABLE and _tls_failure(details):
+        return UserError(_tls_hint(target, details), EXIT_UNREACHABLE)
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         return UserError(_no_server(target), EXIT_UNREACHABLE)
     name = code.name if code else type(exc).__name__
     return UserError(f"the sidecar at {target} answered {name}: {details}")
 
 
-def _health(args: argparse.Namespace) -> int:
-    import grpc
+def _tls_failure(details: str) -> bool:
+    # "Socket closed": something accepted the connection and hung up, as a TLS server does on a
+    # plain-text client and a mutual-TLS server on a client without a certificate ("refused" is no server).
+    lowered = details.lower()
+    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate", "socket closed"))
 
+
+def _tls_hint(target: str, details: str) -> str:
+    return (
+        f"the TLS handshake with {target} failed ({details.strip()}): a TLS sidecar needs --ca-file with "
+        "the CA that signed its certificate (or --tls for the system's roots), and --client-cert / "
+        "--client-key when it requires client certificates; a plain-text one needs none of them"
+    )
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from sidecar.client import RerankerClient
+    from sidecar.security import ClientSecurity
+
+    if (args.client_cert is None) != (args.client_key is None):
+        raise UserError("--client-cert and --client-key go together: give both, or neither", 2)
+    security = ClientSecurity(
+        tls=args.tls,
+        ca_file=args.ca_file,
+        cert_file=args.client_cert,
+        key_file=args.client_key,
+        token=args.token,
+    )
+    try:
+        return RerankerClient(args.target, security)
+    except OSError as exc:  # an unreadable --ca-file / --client-cert / --client-key
+        raise UserError(f"cannot read {exc.filename}: {exc.strerror}", 2) from None
+
+
+def _health(args: argparse.Namespace) -> int:
     from sidecar.health import PROBE_NOT_SERVING, PROBE_SERVING, probe
 
-    with grpc.insecure_channel(args.target) as channel:
-        answer, detail = probe(channel, args.service, timeout=args.timeout)
+    with _client(args) as client:
+        answer, detail = probe(client.channel, args.service, timeout=args.timeout)
     if answer == PROBE_SERVING:
         print("SERVING")
         return 0
@@ -103,7 +137,10 @@ def _health(args: argparse.Namespace) -> int:
         print(f"NOT_SERVING: the sidecar at {args.target} is up but not taking work (loading, warming up "
               f"or draining; {detail})")  # fmt: skip
         return EXIT_NOT_SERVING
-    print(f"UNREACHABLE: {_no_server(args.target)} ({detail})")
+    if _tls_failure(detail):
+        print(f"UNREACHABLE: {_tls_hint(args.target, detail)}")
+    else:
+        print(f"UNREACHABLE: {_no_server(args.target)} ({detail})")
     return EXIT_UNREACHABLE
 
 
@@ -111,9 +148,7 @@ def _info(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToJson
 
-    from sidecar.client import RerankerClient
-
-    with RerankerClient(args.target) as client:
+    with _client(args) as client:
         try:
             info = client.info()
         except grpc.RpcError as exc:
@@ -125,9 +160,7 @@ def _info(args: argparse.Namespace) -> int:
 def _rerank(args: argparse.Namespace) -> int:
     import grpc
 
-    from sidecar.client import RerankerClient
-
-    with RerankerClient(args.target) as client:
+    with _client(args) as client:
         try:
             result = client.rerank(
                 args.query, args.doc, top_n=args.top_n, instruction=args.instruction, timeout=args.timeout
@@ -180,22 +213,38 @@ def build_parser() -> argparse.ArgumentParser:
         "default": f"127.0.0.1:{os.environ.get('RERANK_GRPC_PORT', '50051')}",
         "help": "gRPC address of the sidecar (default 127.0.0.1:$RERANK_GRPC_PORT or :50051)",
     }
+
+    def add_target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", **target)
+        p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA roots")
+        p.add_argument(
+            "--ca-file", default=None, help="PEM CA that signed the sidecar's certificate (implies TLS)"
+        )
+        p.add_argument("--client-cert", default=None, help="PEM client certificate, for a mutual-TLS sidecar")
+        p.add_argument("--client-key", default=None, help="PEM private key of --client-cert")
+        p.add_argument(
+            "--token",
+            default=os.environ.get("RERANK_AUTH_TOKEN"),
+            help="bearer token of a sidecar started with one (default $RERANK_AUTH_TOKEN; the environment "
+            "keeps it out of the process list)",
+        )
+
     p = sub.add_parser(
         "health",
         help="exit 0 if the sidecar reports SERVING, 1 if it is up but NOT_SERVING (loading, draining), "
         "3 if nothing answers at --target",
     )
-    p.add_argument("--target", **target)
+    add_target(p)
     p.add_argument("--service", default="", help="health service name ('' = whole server)")
     p.add_argument("--timeout", type=float, default=2.0)
     p.set_defaults(func=_health)
 
     p = sub.add_parser("info", help="print the served model and limits (Info RPC)")
-    p.add_argument("--target", **target)
+    add_target(p)
     p.set_defaults(func=_info)
 
     p = sub.add_parser("rerank", help="rerank a few documents from the command line")
-    p.add_argument("--target", **target)
+    add_target(p)
     p.add_argument("--query", required=True)
     p.add_argument("--doc", action="append", required=True, help="a document (repeat the flag)")
     p.add_argument("--top-n", type=int, default=None)

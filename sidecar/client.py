@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
 from sidecar.fusion import NO_FUSION, FusionSpec
 from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
+from sidecar.security import ClientSecurity, grpc_channel
 from sidecar.types import Document, HitStatus, RankedHit, RerankResult, Timings
 
 _STATUS = {pb.HIT_STATUS_RERANKED: HitStatus.RERANKED, pb.HIT_STATUS_FALLBACK: HitStatus.FALLBACK}
@@ -21,10 +20,13 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_recei
 
 
 class RerankerClient:
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+    """`security` reaches a sidecar over TLS (CA file, client certificate) or with a token; the default
+    is plain text."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", security: ClientSecurity | None = None) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.RerankerServiceStub(self._channel)
+        self.channel = grpc_channel(target, security, _CHANNEL_OPTIONS)
+        self._stub = pb_grpc.RerankerServiceStub(self.channel)
 
     def rerank(
         self,
@@ -75,10 +77,10 @@ class RerankerClient:
         """Block until the server's health service reports SERVING (raises TimeoutError otherwise)."""
         from sidecar.health import wait_serving
 
-        wait_serving(self._channel, timeout)
+        wait_serving(self.channel, timeout)
 
     def close(self) -> None:
-        self._channel.close()
+        self.channel.close()
 
     def __enter__(self) -> RerankerClient:
         return self

@@ -91,6 +91,24 @@ class SlowBody(InvalidInput):
 
 _TABLE[UnsupportedMediaType] = Status(grpc.StatusCode.INVALID_ARGUMENT, 415)
 _TABLE[SlowBody] = Status(grpc.StatusCode.INVALID_ARGUMENT, 408)
+
+
+class Unauthenticated(RerankError):
+    """A call without the bearer token the server requires (auth_token), or with another one."""
+
+    code = "unauthenticated"
+
+    @classmethod
+    def for_header(cls, header: str | None) -> Unauthenticated:
+        if header is None:
+            return cls(
+                "this sidecar requires a bearer token: send `authorization: Bearer TOKEN` (the operator "
+                "sets it with RERANK_AUTH_TOKEN; the CLI and client take --token)"
+            )
+        return cls("the bearer token is wrong: send the one the sidecar was started with (RERANK_AUTH_TOKEN)")
+
+
+_TABLE[Unauthenticated] = Status(grpc.StatusCode.UNAUTHENTICATED, 401)
 # -----------------------------------------------------------------------------------------------
 
 GENERIC_INTERNAL_MESSAGE = "internal error; the sidecar logged the details"

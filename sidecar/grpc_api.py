@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import dataclasses
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from sidecar import __version__
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
 from sidecar.errors import (
     InvalidInput,
     PayloadTooLarge,
     RerankError,
+    Unauthenticated,
     outcome_label,
     public_message,
     status_of,
 )
 from sidecar.fusion_pb import fusion_from_proto, fusion_to_proto
+from sidecar.metrics import Metrics
+from sidecar.security import AUTHORIZATION, bearer_ok
 from sidecar.service import RerankService
-from sidecar.types import Document, HitStatus, RerankQuery, RerankResult
+from sidecar.settings import SERVICE_NAME
+from sidecar.types import Document, HitStatus, RerankQuery, RerankResult, ServiceInfo
 
+log = logging.getLogger(__name__)
 API = "grpc"
 _HIT_STATUS = {HitStatus.RERANKED: pb.HIT_STATUS_RERANKED, HitStatus.FALLBACK: pb.HIT_STATUS_FALLBACK}
 
@@ -129,15 +136,15 @@ def add_tolerant(
     on_unreadable: Callable[[InvalidInput], None] | None = None,
 ) -> None:
     """Register every method of `service` (a service descriptor; `messages` its generated module) that
-    `servicer` implements, with deserializers that never raise: an `Unreadable` request is answered
-    INVALID_ARGUMENT before the servicer sees it."""
+    `servicer` implements, with deserializers that never raise: an `Unreadable` request is refused with
+    its InvalidInput (answered by `StatusInterceptor`) before the servicer sees it."""
 
     def guarded(method: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Unreadable):
                 if on_unreadable is not None:
                     on_unreadable(request.error)
-                await context.abort(status_of(request.error).grpc, public_message(request.error))
+                raise request.error
             return await method(request, context)
 
         return call
@@ -160,43 +167,121 @@ def add_tolerant(
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The one place the gRPC front end turns exceptions into statuses (sidecar.errors' table): servicer
+    methods raise, never abort. Anything unexpected is INTERNAL with a generic message and its traceback
+    in the log. Listed first, so it also answers what the interceptors after it raise (AuthInterceptor).
+    Async-generator methods (reflection) pass through untouched: they raise nothing of ours."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        behaviour = _behaviour(handler)
+        if inspect.isasyncgenfunction(behaviour):  # an async generator cannot be awaited whole
+            return handler
+        return _with_behaviour(handler, _answering(behaviour, details.method))
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    if handler.request_streaming:
+        return handler.stream_stream if handler.response_streaming else handler.stream_unary  # type: ignore[no-any-return]
+    return handler.unary_stream if handler.response_streaming else handler.unary_unary  # type: ignore[no-any-return]
+
+
+def _with_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """`handler` (same kind, same (de)serializers) running `behaviour` instead."""
+    if handler.request_streaming:
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+    else:
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+    return kind(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _answering(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.AbortError:  # a method that aborted itself chose its own status
+            raise
+        except RerankError as exc:
+            await context.abort(status_of(exc).grpc, public_message(exc))
+        except Exception as exc:
+            log.exception("unexpected error in %s", method)
+            await context.abort(status_of(exc).grpc, public_message(exc))
+
+    return call
+
+
+# What each `auth_exempt` name opens on gRPC (method-name prefixes).
+GRPC_EXEMPT = {
+    "health": ("/grpc.health.v1.Health/",),
+    "reflection": ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/"),
+    "info": (f"/{SERVICE_NAME}/Info",),
+    "metrics": (),  # HTTP only
+}
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every call but the exempt ones must carry `authorization: Bearer <auth_token>`; others are
+    refused with Unauthenticated before their method runs (answered by StatusInterceptor)."""
+
+    def __init__(self, token: str, exempt: set[str], metrics: Metrics) -> None:
+        self._token = token
+        self._metrics = metrics
+        self._open = tuple(prefix for name in sorted(exempt) for prefix in GRPC_EXEMPT[name])
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self._open):
+            return handler
+        header = next((v for k, v in details.invocation_metadata or () if k == AUTHORIZATION), None)
+        if bearer_ok(header, self._token):
+            return handler
+        self._metrics.auth_refused.labels(API).inc()
+        refusal = Unauthenticated.for_header(header)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            raise refusal
+
+        return _with_behaviour(handler, refuse)
+
+
+def info_to_proto(info: ServiceInfo) -> pb.InfoResponse:
+    fields = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "default_fusion"}
+    return pb.InfoResponse(**fields, default_fusion=fusion_to_proto(info.default_fusion))
+
+
 class RerankerServicer(pb_grpc.RerankerServiceServicer):
+    """Translation only: errors go up to `StatusInterceptor`."""
+
     def __init__(self, service: RerankService) -> None:
         self.service = service
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
-        try:
+        with self.service.counting_refusals(API):
             query = query_from_proto(request, context.time_remaining())
-        except RerankError as exc:
-            # Refused before the service saw it, so the service's request counter did not count it.
-            self.service.metrics.requests.labels(API, outcome_label(exc)).inc()
-            await context.abort(status_of(exc).grpc, public_message(exc))
-        try:
-            result = await self.service.rerank(query, API)
-        except RerankError as exc:
-            await context.abort(status_of(exc).grpc, public_message(exc))
-        return result_to_proto(result)
+        return result_to_proto(await self.service.rerank(query, API))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        try:
-            info = self.service.model_info()
-            default_fusion = self.service.fusion_default()
-        except RerankError as exc:
-            await context.abort(status_of(exc).grpc, public_message(exc))
-        s = self.service.settings
-        return pb.InfoResponse(
-            model_id=info.model_id,
-            model_revision=info.revision,
-            backend=info.backend,
-            device=info.device,
-            dtype=info.dtype,
-            attention=info.attention,
-            max_length=info.max_length,
-            max_batch_tokens=s.max_batch_tokens,
-            max_batch_pairs=s.max_batch_pairs,
-            max_documents=s.max_documents,
-            max_queue_pairs=s.max_queue_pairs,
-            accepts_instruction=info.accepts_instruction,
-            server_version=__version__,
-            default_fusion=fusion_to_proto(default_fusion),
-        )
+        return info_to_proto(self.service.info())

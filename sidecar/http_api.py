@@ -23,6 +23,7 @@ deadline. GET /health (/healthz), /metrics, /v1/info.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -39,15 +40,16 @@ from sidecar.errors import (
     PayloadTooLarge,
     RerankError,
     SlowBody,
+    Unauthenticated,
     UnsupportedMediaType,
     json_type_name,
-    outcome_label,
     public_message,
     status_of,
 )
 from sidecar.fusion import FusionSpec
 from sidecar.metrics import Metrics
 from sidecar.opensearch import mlcommons
+from sidecar.security import bearer_ok
 from sidecar.service import RerankService
 from sidecar.settings import Settings
 from sidecar.types import Document, HitStatus, RankedHit, RerankQuery, RerankResult
@@ -252,7 +254,11 @@ def error_response(err: BaseException) -> web.Response:
     status = status_of(err)
     code = err.code if isinstance(err, RerankError) and not isinstance(err, InternalError) else "internal"
     body = {"error": {"code": code, "message": public_message(err), "status": status.http}}
-    return json_response(body, status=status.http)
+    # RFC 6750: a 401 names the scheme it wants.
+    headers = None
+    if isinstance(err, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="rerank-sidecar"'}
+    return json_response(body, status=status.http, headers=headers)
 
 
 # ---- the app ----------------------------------------------------------------------------------
@@ -262,11 +268,6 @@ class HttpApi:
         self.metrics = metrics
         self.max_body_bytes = settings.max_body_bytes
         self.body_timeout_s = settings.http_body_timeout_s
-
-    def _rejected(self, err: RerankError) -> web.Response:
-        # Refused before the service saw it, so the service's request counter did not count it.
-        self.metrics.requests.labels(API, outcome_label(err)).inc()
-        return error_response(err)
 
     async def _read(self, request: web.Request) -> bytes:
         if request.content_type != JSON_TYPE:
@@ -297,25 +298,20 @@ class HttpApi:
 
     def _endpoint(self, shape: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            try:
+            with self.service.counting_refusals(API):
                 body = await self.service.receive(self._read(request))
                 deadline = parse_deadline(request)
                 q, return_documents = parse_request(
                     decode_json(body), deadline, all_documents=shape == "scores"
                 )
-            except RerankError as err:
-                return self._rejected(err)
-            try:
-                result = await self.service.rerank(q, API)
-                if shape == "cohere":
-                    payload: Any = cohere_body(result, q, return_documents)
-                elif shape == "list":
-                    payload = list_body(result)
-                else:
-                    payload = scores_body(result, len(q.documents))
-                return json_response(payload, headers=_headers(result))
-            except RerankError as err:
-                return error_response(err)
+            result = await self.service.rerank(q, API)
+            if shape == "cohere":
+                payload: Any = cohere_body(result, q, return_documents)
+            elif shape == "list":
+                payload = list_body(result)
+            else:
+                payload = scores_body(result, len(q.documents))
+            return json_response(payload, headers=_headers(result))
 
         return handle
 
@@ -329,34 +325,19 @@ class HttpApi:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def info(self, request: web.Request) -> web.Response:
-        try:
-            info = self.service.model_info()
-            default_fusion = self.service.fusion_default()
-        except RerankError as err:
-            return error_response(err)
-        s = self.service.settings
-        return json_response(
-            {
-                "model_id": info.model_id,
-                "model_revision": info.revision,
-                "backend": info.backend,
-                "device": info.device,
-                "dtype": info.dtype,
-                "max_length": info.max_length,
-                "accepts_instruction": info.accepts_instruction,
-                "max_documents": s.max_documents,
-                "max_body_bytes": self.max_body_bytes,
-                "default_fusion": default_fusion.to_dict(),
-                "ready": self.service.ready,
-            }
-        )
+        info = self.service.info()
+        return json_response({**dataclasses.asdict(info), "default_fusion": info.default_fusion.to_dict()})
 
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as JSON: routing errors keep their status, anything unexpected is a generic 500."""
+    """The one place the HTTP front end turns exceptions into statuses (sidecar.errors' table); handlers
+    raise, never build error answers. Every error leaves as JSON: routing errors keep their status,
+    anything unexpected is a generic 500 with its traceback in the log."""
     try:
         return await handler(request)
+    except RerankError as err:
+        return error_response(err)
     except web.HTTPRequestEntityTooLarge:
         return error_response(PayloadTooLarge("the body exceeds the configured size limit"))
     except web.HTTPException as exc:
@@ -384,10 +365,39 @@ async def _no_version_banner(request: web.Request, response: web.StreamResponse)
     response.headers["Server"] = "rerank-sidecar"
 
 
+# What each `auth_exempt` name opens on HTTP.
+HTTP_EXEMPT = {
+    "health": ("/health", "/healthz"),
+    "metrics": ("/metrics",),
+    "info": ("/v1/info",),
+    "reflection": (),  # gRPC only
+}
+
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def _bearer_required(token: str, exempt: set[str], metrics: Metrics) -> Middleware:
+    open_paths = frozenset(path for name in exempt for path in HTTP_EXEMPT[name])
+
+    @web.middleware
+    async def authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization")
+        if request.path not in open_paths and not bearer_ok(header, token):
+            metrics.auth_refused.labels(API).inc()
+            raise Unauthenticated.for_header(header)  # answered by _json_errors, before the body is read
+        return await handler(request)
+
+    return authenticated
+
+
 def create_app(service: RerankService, metrics: Metrics, settings: Settings) -> web.Application:
     api = HttpApi(service, metrics, settings)
+    middlewares: list[Any] = [_json_errors]
+    if settings.auth_token is not None:
+        middlewares.append(_bearer_required(settings.auth_token, settings.exempt, metrics))
     # client_max_size also bounds chunked bodies, which carry no Content-Length to check up front.
-    app = web.Application(client_max_size=api.max_body_bytes, middlewares=[_json_errors])
+    app = web.Application(client_max_size=api.max_body_bytes, middlewares=middlewares)
     app.on_response_prepare.append(_no_version_banner)
     for path, shape in (
         (mlcommons.PATH_COHERE, "cohere"),

@@ -16,9 +16,9 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
+from sidecar.client import RerankerClient
 from sidecar.health import check
+from sidecar.security import ClientSecurity, grpc_channel
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,12 +34,17 @@ class SidecarProcess:
         env: dict[str, str] | None = None,
         ready_timeout: float = 300.0,
         log_path: Path | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
+        """`security` is how to reach it when `args` turn on TLS or a token (--tls-cert-file, ...; the
+        token may also come through `env` as RERANK_AUTH_TOKEN): the readiness check and `client()`
+        use it."""
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.args = list(args)
         self.env = env
         self.ready_timeout = ready_timeout
         self.log_path = log_path
+        self.security = security or ClientSecurity()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: typing.IO[bytes] | None = None
 
@@ -49,11 +54,18 @@ class SidecarProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self._scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"{self._scheme}://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.security.uses_tls else "http"
+
+    def client(self) -> RerankerClient:
+        return RerankerClient(self.grpc_target, self.security)
 
     def start(self) -> SidecarProcess:
         cmd = [
@@ -83,7 +95,7 @@ class SidecarProcess:
             stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,
         )
         until = time.monotonic() + self.ready_timeout
-        with grpc.insecure_channel(self.grpc_target) as channel:
+        with grpc_channel(self.grpc_target, self.security) as channel:
             while time.monotonic() < until:
                 if self.proc.poll() is not None:
                     raise RuntimeError(

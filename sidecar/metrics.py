@@ -76,6 +76,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.auth_refused = Counter(
+            "reranker_auth_refused",
+            "Calls refused for a missing or wrong bearer token (never counted as requests).",
+            ["api"],
+            registry=r,
+        )
         self.ready = Gauge("reranker_ready", "1 when serving, 0 when loading or draining.", registry=r)
         self.model_info = Gauge(
             "reranker_model_info",

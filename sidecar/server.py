@@ -24,10 +24,17 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto.reranker.v1 import reranker_pb2 as pb
 from sidecar.batcher import Batcher
-from sidecar.grpc_api import RerankerServicer, add_to_server, add_tolerant
+from sidecar.grpc_api import (
+    AuthInterceptor,
+    RerankerServicer,
+    StatusInterceptor,
+    add_to_server,
+    add_tolerant,
+)
 from sidecar.health import Health
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Scorer
+from sidecar.security import SecurityError, ServerTls, exposure_warnings, server_tls
 from sidecar.service import RerankService
 from sidecar.settings import Settings, env_name, flag_name
 
@@ -76,11 +83,22 @@ class SidecarServer:
         self._metrics_server: typing.Any = None
         self.loaded: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._tls: ServerTls | None = None
 
     async def start(self) -> None:
         """Bind every port and begin loading the model; `loaded` completes when SERVING."""
         s = self.settings
-        server = grpc.aio.server(options=grpc_options(s))
+        try:
+            self._tls = server_tls(s)
+        except SecurityError as exc:
+            raise StartupError(str(exc)) from exc
+        for warning in exposure_warnings(s):
+            log.warning("%s", warning)
+        # StatusInterceptor first: it answers what the others raise.
+        interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
+        if s.auth_token is not None:
+            interceptors.append(AuthInterceptor(s.auth_token, s.exempt, self.metrics))
+        server = grpc.aio.server(options=grpc_options(s), interceptors=interceptors)
         add_to_server(RerankerServicer(self.service), server, s.max_body_bytes)
         health = health_pb2.DESCRIPTOR.services_by_name["Health"]
         add_tolerant(server, health, health_pb2, self.health.servicer, s.max_body_bytes)
@@ -96,7 +114,11 @@ class SidecarServer:
         if s.grpc_port and (code := _probe_bind(s.host, s.grpc_port)) is not None:
             raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", code)
         try:
-            self.grpc_port = server.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+            address = f"{_host(s.host)}:{s.grpc_port}"
+            if self._tls is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, self._tls.grpc_credentials())
         except RuntimeError as exc:
             raise _bind_error("gRPC", s.host, s.grpc_port, "grpc_port", None) from exc
         await self.health.set_serving(False)
@@ -109,7 +131,8 @@ class SidecarServer:
             await self._close(0, quiet=True)  # release what did start; the caller reports why
             raise
         log.info(
-            "listening: grpc %s:%d, http %s:%d, metrics %s:%d",
+            "listening%s: grpc %s:%d, http %s:%d, metrics %s:%d",
+            " with TLS" if self._tls else "",
             s.host,
             self.grpc_port,
             s.host,
@@ -154,7 +177,8 @@ class SidecarServer:
         )
         await runner.setup()
         self._http_runner = runner
-        site = web.TCPSite(runner, self.settings.host, self.settings.http_port)
+        ssl_context = self._tls.ssl_context if self._tls else None
+        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -168,7 +192,16 @@ class SidecarServer:
 
         s = self.settings
         try:
-            server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            tls = self._tls
+            server, _ = start_http_server(
+                s.metrics_port,
+                addr=s.host,
+                registry=self.metrics.registry,
+                certfile=tls.cert_file if tls else None,
+                keyfile=tls.key_file if tls else None,
+                client_cafile=tls.client_ca_file if tls else None,
+                client_auth_required=bool(tls and tls.client_ca_file),
+            )
         except OSError as exc:
             raise _bind_error("metrics", s.host, s.metrics_port, "metrics_port", exc.errno) from exc
         self._metrics_server = server

@@ -7,13 +7,15 @@ Front ends (gRPC, HTTP) translate their wire format to `RerankQuery`, call `rera
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from sidecar import __version__
 from sidecar.batcher import Batcher
 from sidecar.errors import (
     DeadlineExceeded,
@@ -34,7 +36,15 @@ from sidecar.fusion import (
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.settings import Settings
-from sidecar.types import HitStatus, ModelInfo, RankedHit, RerankQuery, RerankResult, Timings
+from sidecar.types import (
+    HitStatus,
+    ModelInfo,
+    RankedHit,
+    RerankQuery,
+    RerankResult,
+    ServiceInfo,
+    Timings,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,15 +152,41 @@ class RerankService:
             await self.batcher.close()
         self._prep.shutdown(wait=False)
 
-    def model_info(self) -> ModelInfo:
-        if self.scorer is None:
+    def info(self) -> ServiceInfo:
+        """The served model and this server's limits: what gRPC `Info` and HTTP `/v1/info` report."""
+        if self.scorer is None or self.default_fusion is None:
             raise NotReady("the model is still loading")
-        return self.scorer.info
+        model: ModelInfo = self.scorer.info
+        s = self.settings
+        return ServiceInfo(
+            model_id=model.model_id,
+            model_revision=model.revision,
+            backend=model.backend,
+            device=model.device,
+            dtype=model.dtype,
+            attention=model.attention,
+            max_length=model.max_length,
+            max_batch_tokens=s.max_batch_tokens,
+            max_batch_pairs=s.max_batch_pairs,
+            max_documents=s.max_documents,
+            max_queue_pairs=s.max_queue_pairs,
+            max_body_bytes=s.max_body_bytes,
+            accepts_instruction=model.accepts_instruction,
+            server_version=__version__,
+            default_fusion=self.default_fusion,
+            ready=self.ready,
+        )
 
-    def fusion_default(self) -> FusionSpec:
-        if self.default_fusion is None:
-            raise NotReady("the model is still loading")
-        return self.default_fusion
+    @contextlib.contextmanager
+    def counting_refusals(self, api: str) -> Iterator[None]:
+        """Around a front end's reading and translating of a request: a refusal there never reaches
+        `rerank`, which counts every request it sees, so it is counted here, once, and re-raised for the
+        front end's one error path to answer."""
+        try:
+            yield
+        except RerankError as exc:
+            self.metrics.requests.labels(api, outcome_label(exc)).inc()
+            raise
 
     # ---- requests -----------------------------------------------------------------------------
     async def rerank(self, query: RerankQuery, api: str) -> RerankResult:

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "RERANK_"
 # The gRPC service name, also used as the health-check service name (Kubernetes probes name it).
 SERVICE_NAME = "reranker.v1.RerankerService"
+# What `auth_exempt` may name.
+AUTH_EXEMPTABLE = ("health", "metrics", "info", "reflection")
 
 
 class Settings(BaseSettings):
@@ -158,6 +160,37 @@ class Settings(BaseSettings):
         "next call). Lower frees idle connections sooner; each reconnect costs one handshake.",
     )
 
+    # --- transport security (README "TLS and auth") --------------------------------------------
+    tls_cert_file: str | None = Field(
+        None,
+        description="PEM certificate (chain) of the server: with --tls-key-file, gRPC, HTTP and the metrics "
+        "port speak TLS only. Protects queries and documents on the wire; costs a handshake per connection "
+        "(keep-alive amortises it) and certificate rotation means a restart.",
+    )
+    tls_key_file: str | None = Field(
+        None, description="PEM private key of --tls-cert-file. Keep it readable by the sidecar only."
+    )
+    tls_client_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle: when set (with --tls-cert-file), every client must present a "
+        "certificate signed by it (mutual TLS) on gRPC, HTTP and the metrics port. Strong identity without "
+        "shared secrets, but every client (search node, probes, Prometheus) then needs a certificate.",
+    )
+    auth_token: str | None = Field(
+        None,
+        description="Bearer token every gRPC call (`authorization: Bearer TOKEN` metadata) and HTTP request "
+        "(Authorization header) must carry, compared in constant time; others get UNAUTHENTICATED / 401. "
+        "Set it from the environment (a Kubernetes Secret): a flag shows in the process list. Without "
+        "TLS the token crosses the network in clear text.",
+    )
+    auth_exempt: str = Field(
+        "health,metrics",
+        description="Comma-separated endpoints answered without the token: 'health' (grpc.health.v1 and "
+        "HTTP /health, /healthz), 'metrics' (HTTP /metrics), 'info' (Info, /v1/info), 'reflection' (gRPC "
+        "server reflection); '' exempts nothing. Probes and Prometheus rarely carry tokens; what is exempt "
+        "is readable by anyone who reaches the port. The metrics port never checks the token.",
+    )
+
     # --- batching ----------------------------------------------------------------------------
     max_batch_tokens: int = Field(
         8192,
@@ -260,7 +293,30 @@ class Settings(BaseSettings):
                 "request of max_documents could never be queued; raise --max-queue-pairs or lower "
                 "--max-documents"
             )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("--tls-cert-file and --tls-key-file go together: set both for TLS, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "--tls-client-ca-file needs --tls-cert-file and --tls-key-file: mutual TLS is TLS first"
+            )
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("--auth-token is empty: set a token, or unset it to turn the check off")
+        unknown = self.exempt - set(AUTH_EXEMPTABLE)
+        if unknown:
+            raise ValueError(
+                f"--auth-exempt names {', '.join(sorted(unknown))}: use a comma-separated subset of "
+                f"{', '.join(AUTH_EXEMPTABLE)} (or '' for none)"
+            )
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def exempt(self) -> set[str]:
+        """The endpoints answered without the token (`auth_exempt` parsed)."""
+        return {x.strip() for x in self.auth_exempt.split(",") if x.strip()}
 
 
 def env_name(field: str) -> str:

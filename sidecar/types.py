@@ -79,6 +79,29 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ServiceInfo:
+    """What `Info` reports, built once by the service; each front end only translates it (field names are
+    the proto's and the JSON's)."""
+
+    model_id: str
+    model_revision: str
+    backend: str
+    device: str
+    dtype: str
+    attention: str
+    max_length: int
+    max_batch_tokens: int
+    max_batch_pairs: int
+    max_documents: int
+    max_queue_pairs: int
+    max_body_bytes: int
+    accepts_instruction: bool
+    server_version: str
+    default_fusion: FusionSpec
+    ready: bool
+
+
+@dataclass(frozen=True)
 class RerankResult:
     hits: list[RankedHit]
     model_id: str

@@ -73,3 +73,24 @@ def break_batcher_loop(batcher: object) -> None:
         raise RuntimeError("injected batcher loop failure")
 
     batcher._next_batch = broken  # type: ignore[attr-defined]
+
+
+class InfoFailingScorer(RecordingScorer):
+    """A REAL scorer whose `info` raises once `fail` is set, as an unforeseen bug outside the scoring path
+    would; the exception text holds a detail no client may read."""
+
+    SECRET = "/srv/secret-model-path"
+
+    def __init__(self, inner: Scorer) -> None:
+        self.fail = False
+        super().__init__(inner)
+
+    @property  # type: ignore[override]
+    def info(self):  # type: ignore[no-untyped-def]
+        if self.fail:
+            raise RuntimeError(f"injected failure reading {self.SECRET}")
+        return self.inner.info
+
+    @info.setter
+    def info(self, value: object) -> None:
+        pass  # RecordingScorer's copy is not needed: the inner scorer's is read

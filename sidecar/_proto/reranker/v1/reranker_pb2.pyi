@@ -127,7 +127,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "backend", "device", "dtype", "attention", "max_length", "max_batch_tokens", "max_batch_pairs", "max_documents", "max_queue_pairs", "accepts_instruction", "server_version", "default_fusion")
+    __slots__ = ("model_id", "model_revision", "backend", "device", "dtype", "attention", "max_length", "max_batch_tokens", "max_batch_pairs", "max_documents", "max_queue_pairs", "accepts_instruction", "server_version", "default_fusion", "max_body_bytes", "ready")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,8 @@ class InfoResponse(_message.Message):
     ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FUSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     backend: str
@@ -156,4 +158,6 @@ class InfoResponse(_message.Message):
     accepts_instruction: bool
     server_version: str
     default_fusion: Fusion
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_documents: _Optional[int] = ..., max_queue_pairs: _Optional[int] = ..., accepts_instruction: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_fusion: _Optional[_Union[Fusion, _Mapping]] = ...) -> None: ...
+    max_body_bytes: int
+    ready: bool
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_documents: _Optional[int] = ..., max_queue_pairs: _Optional[int] = ..., accepts_instruction: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_fusion: _Optional[_Union[Fusion, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
