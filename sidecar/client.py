@@ -36,13 +36,16 @@ class RerankerClient:
         instruction: str | None = None,
         timeout: float | None = 30.0,
         fusion: FusionSpec | None = None,
+        fail_open: bool | None = None,
     ) -> RerankResult:
         """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure.
 
         `fusion` overrides the server's default score fusion for this request (docs/fusion.md). Hits come
-        back ranked by `fused_score`; `score` stays the model's own.
+        back ranked by `fused_score`; `score` stays the model's own. `fail_open` True asks for the documents
+        in first-stage order, every hit FALLBACK with its `fallback_reason`, instead of an error when the
+        sidecar cannot score; None uses the server's default.
         """
-        request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction)
+        request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction, fail_open=fail_open)
         if fusion is not None:
             request.fusion.CopyFrom(fusion_to_proto(fusion))
         for doc in documents:

@@ -51,6 +51,7 @@ def query_from_proto(request: pb.RerankRequest, time_remaining: float | None) ->
         instruction=request.instruction if request.HasField("instruction") else None,
         deadline=None if time_remaining is None else loop.time() + time_remaining,
         fusion=fusion_from_proto(request.fusion) if request.HasField("fusion") else None,
+        fail_open=request.fail_open if request.HasField("fail_open") else None,
     )
 
 

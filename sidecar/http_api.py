@@ -13,11 +13,15 @@ sidecar.opensearch.mlcommons for the ml-commons facts behind them):
 
 Request: {"query": str, "documents": [str | {"text", "title"?, "id"?, "first_stage_score"?} | [str, ...]],
 "top_n"?: int, "instruction"?: str, "return_documents"?: bool, "fusion"?: "none" | "blend" | "rrf" |
-{"method", "alpha"?, "normalization"?, "rrf_k"?}}. Unknown top-level fields are ignored (Cohere clients
-send `model`). Every shape's score is the ranking score (fused when fusion applies, docs/fusion.md); the
-Cohere shape also carries the raw `rerank_score`, the `first_stage_score` and the applied `fusion`, and
-every answer names the fusion in the `x-rerank-fusion` header. The `x-rerank-timeout-ms` header sets the
-deadline. GET /health (/healthz), /metrics, /v1/info.
+{"method", "alpha"?, "normalization"?, "rrf_k"?}, "fail_open"?: bool}. Unknown top-level fields are
+ignored (Cohere clients send `model`). Every shape's score is the ranking score (fused when fusion
+applies, docs/fusion.md); the Cohere shape also carries the raw `rerank_score`, the `first_stage_score`
+and the applied `fusion`, and every answer names the fusion in the `x-rerank-fusion` header. The
+`x-rerank-timeout-ms` header sets the deadline. A fail-open answer (`"fail_open": true`, README
+"Fail-open") is a 200 in the same shape, first-stage order, every hit with `fallback_reason`, scores
+n..1 (descending, so OpenSearch keeps that order), headers `x-rerank-fallback` (how many hits fell back)
+and `x-rerank-fallback-reason`.
+GET /health (/healthz), /metrics, /v1/info.
 """
 
 from __future__ import annotations
@@ -166,6 +170,9 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     if not isinstance(return_documents, bool):
         raise InvalidSchema(f"`return_documents` must be a boolean, got {json_type_name(return_documents)}")
     fusion = obj.get("fusion")
+    fail_open = obj.get("fail_open")
+    if fail_open is not None and not isinstance(fail_open, bool):
+        raise InvalidSchema(f"`fail_open` must be a boolean, got {json_type_name(fail_open)}")
     q = RerankQuery(
         query=query,
         documents=documents,
@@ -173,6 +180,7 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
         instruction=instruction or None,
         deadline=deadline,
         fusion=None if fusion is None else FusionSpec.parse(fusion),
+        fail_open=fail_open,
     )
     return q, return_documents
 
@@ -239,6 +247,9 @@ def _headers(result: RerankResult) -> dict[str, str]:
     fallback = sum(h.status is not HitStatus.RERANKED for h in result.hits)
     if fallback:
         headers["x-rerank-fallback"] = str(fallback)
+        reasons = sorted({h.fallback_reason for h in result.hits if h.fallback_reason})
+        if reasons:
+            headers["x-rerank-fallback-reason"] = ",".join(reasons)
     truncated = sum(h.truncated for h in result.hits)
     if truncated:
         headers["x-rerank-truncated"] = str(truncated)

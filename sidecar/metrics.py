@@ -82,6 +82,12 @@ class Metrics:
             ["api"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            "reranker_fallback",
+            "Requests answered in first-stage order because nothing could be scored (fail-open), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.ready = Gauge("reranker_ready", "1 when serving, 0 when loading or draining.", registry=r)
         self.model_info = Gauge(
             "reranker_model_info",

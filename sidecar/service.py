@@ -22,6 +22,7 @@ from sidecar.errors import (
     InternalError,
     InvalidInput,
     NotReady,
+    Overloaded,
     RerankError,
     outcome_label,
 )
@@ -193,21 +194,29 @@ class RerankService:
         started = time.perf_counter()
         error: BaseException | None = None
         self._count(+1)
+        fell_back = False
         try:
-            return await self._unless_aborted(self._rerank(query, started))
+            try:
+                return await self._unless_aborted(self._rerank(query, started))
+            except (RerankError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.exception("unexpected error while reranking")
+                raise InternalError("unexpected error") from exc
         except RerankError as exc:
-            error = exc
-            raise
+            fallback = self._fail_open(query, exc, started)
+            if fallback is None:
+                error = exc
+                raise
+            fell_back = True
+            return fallback
         except asyncio.CancelledError as exc:
             error = exc
             raise
-        except Exception as exc:
-            log.exception("unexpected error while reranking")
-            error = exc
-            raise InternalError("unexpected error") from exc
         finally:
             self._count(-1)
             outcome = "cancelled" if isinstance(error, asyncio.CancelledError) else outcome_label(error)
+            outcome = "fallback" if fell_back else outcome
             self.metrics.requests.labels(api, outcome).inc()
             self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)
 
@@ -320,6 +329,49 @@ class RerankService:
             hits=hits, model_id=info.model_id, model_revision=info.revision, timings=timings, fusion=fusion
         )
 
+    # ---- fail-open (issue 15 item 2) --------------------------------------------------------------
+    def _fail_open(self, q: RerankQuery, error: RerankError, started: float) -> RerankResult | None:
+        """The fail-open answer to `q` instead of `error`, or None where `error` stands: the request did
+        not opt in (nor the server by default), the error is not one of not being able to score (bad
+        input, a cancelled call), or the input is invalid (refused as today, never papered over)."""
+        reason = fallback_reason(error)
+        if reason is None or not (self.settings.fail_open if q.fail_open is None else q.fail_open):
+            return None
+        try:
+            self._validate(q, self.scorer)
+        except InvalidInput:
+            return None
+        self.metrics.fallbacks.labels(reason).inc()
+        log.warning(
+            "fail-open: answered %d documents in first-stage order (%s: %s)",
+            len(q.documents),
+            reason,
+            error.message,
+        )
+        order = first_stage_order(q)
+        n = len(order)
+        top_n = min(q.top_n or n, n)
+        hits = [
+            RankedHit(
+                index=i,
+                id=q.documents[i].id,
+                score=0.0,  # no model score; `status` says so
+                first_stage_score=q.documents[i].first_stage_score,
+                status=HitStatus.FALLBACK,
+                fallback_reason=reason,
+                fused_score=float(n - position),  # descending: ranking by it keeps first-stage order
+            )
+            for position, i in enumerate(order[:top_n])
+        ]
+        info = self.scorer.info if self.scorer is not None else None
+        return RerankResult(
+            hits=hits,
+            model_id=info.model_id if info else "",
+            model_revision=info.revision if info else "",
+            timings=Timings(total_seconds=time.perf_counter() - started),
+            fusion=NO_FUSION,
+        )
+
     async def _measure(self, pairs: list[Pair], scorer: Scorer) -> list[Measure]:
         """Tokenize in slices of MEASURE_SLICE_PAIRS: each slice is its own job on the tokenize threads,
         so a big request's slices queue behind a small request's instead of holding it up."""
@@ -353,7 +405,7 @@ class RerankService:
             return NO_FUSION
         return spec
 
-    def _validate(self, q: RerankQuery, scorer: Scorer) -> None:
+    def _validate(self, q: RerankQuery, scorer: Scorer | None) -> None:
         s = self.settings
         if not q.query or not q.query.strip():
             raise InvalidInput("query is empty: send the search text in `query`")
@@ -371,10 +423,32 @@ class RerankService:
             )
         if q.top_n is not None and q.top_n < 0:
             raise InvalidInput(f"top_n={q.top_n} is negative: use 1..{n}, or 0 for all")
-        if q.instruction and not scorer.accepts_instruction:
+        if q.instruction and scorer is not None and not scorer.accepts_instruction:
             raise InvalidInput(
                 f"model {scorer.info.model_id} takes no instruction: remove `instruction` from the request"
             )
         for i, d in enumerate(q.documents):
             if d.first_stage_score is not None and not math.isfinite(d.first_stage_score):
                 raise InvalidInput(f"documents[{i}].first_stage_score is not a finite number")
+
+
+# Why a fail-open answer fell back, by the error it replaces; errors absent here are never failed open.
+_FALLBACK_REASONS: tuple[tuple[type[RerankError], str], ...] = (
+    (Overloaded, "overloaded"),
+    (InternalError, "model_error"),
+    (NotReady, "unavailable"),
+    (DeadlineExceeded, "deadline"),
+)
+
+
+def fallback_reason(error: RerankError) -> str | None:
+    return next((reason for cls, reason in _FALLBACK_REASONS if isinstance(error, cls)), None)
+
+
+def first_stage_order(q: RerankQuery) -> list[int]:
+    """Document indices in first-stage order: by `first_stage_score` (descending, ties in input order)
+    when every document has one, else the input order (taken to be the first stage's)."""
+    scores = [d.first_stage_score for d in q.documents]
+    if any(s is None for s in scores):
+        return list(range(len(scores)))
+    return sorted(range(len(scores)), key=lambda i: -(scores[i] or 0.0))

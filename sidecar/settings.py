@@ -236,6 +236,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Deadline for requests that carry none. Work past its deadline never reaches the model.",
     )
+    fail_open: bool = Field(
+        False,
+        description='Default for requests that do not say (gRPC `fail_open`, HTTP `"fail_open"`): when '
+        "nothing can be scored (queue full, model error, not ready or draining, deadline passed) answer OK "
+        "with the documents in first-stage order, every hit marked FALLBACK with the reason (HTTP header "
+        "x-rerank-fallback-reason), instead of an error. On, a search never fails because of the reranker "
+        "but may silently get worse while it is down (watch reranker_fallback_total); off, the caller sees "
+        "the error and chooses (retry, another replica, its own fallback).",
+    )
 
     # --- score fusion (docs/fusion.md) --------------------------------------------------------
     fusion: Literal["auto", "none", "blend", "rrf", "erank_hybrid"] = Field(

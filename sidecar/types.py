@@ -33,6 +33,9 @@ class RerankQuery:
     deadline: float | None = None
     # Score fusion for this request; None uses the server's default.
     fusion: FusionSpec | None = None
+    # Answer in first-stage order, every hit FALLBACK, instead of an error when nothing can be scored;
+    # None uses the server's default (settings.fail_open).
+    fail_open: bool | None = None
 
 
 class HitStatus(Enum):

@@ -51,18 +51,20 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., first_stage_score: _Optional[float] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "instruction", "fusion")
+    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "fail_open")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    FAIL_OPEN_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
     instruction: str
     fusion: Fusion
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ...) -> None: ...
+    fail_open: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., fail_open: _Optional[bool] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "alpha", "normalization", "rrf_k")
