@@ -55,6 +55,8 @@ class RerankerServiceServicer:
         """Scores every document against the query and returns them in rank order.
         Errors: INVALID_ARGUMENT (bad input; the message says what to change), RESOURCE_EXHAUSTED (the
         queue is full; retry later), UNAVAILABLE (not ready or shutting down), DEADLINE_EXCEEDED.
+        A request with `fail_open` gets OK with every hit HIT_STATUS_FALLBACK instead of the last three
+        (and of INTERNAL).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
