@@ -21,7 +21,7 @@ from sidecar._proto.reranker.v1 import reranker_pb2_grpc as pb_grpc
 from sidecar.client import RerankerClient
 from sidecar.scoring.base import Scorer
 from sidecar.types import Document, HitStatus
-from tests.conftest import test_settings
+from tests.conftest import ServerThread, test_settings
 from tests.fakes import FailingScorer, RecordingScorer
 from tests.texts import documents
 
@@ -234,3 +234,37 @@ def test_deadline(server_factory, bert_scorer: Scorer) -> None:
             held.result(30)
     # No pair of a request that fell back on its deadline reached the model.
     assert {p.query for p in rec.seen} == {"a"}
+
+
+def test_requests_still_running_when_the_drain_ends_fall_back(bert_scorer: Scorer) -> None:
+    gate = threading.Event()  # the model never finishes during the drain
+    rec = RecordingScorer(bert_scorer, gate)
+    srv = ServerThread(test_settings(warmup=False, max_wait_ms=0), scorer=rec)
+    port = srv.server.http_port
+    body = {"query": "q", "documents": _json_docs(), "fail_open": True}
+    try:
+        with RerankerClient(srv.target) as client, ThreadPoolExecutor(3) as pool:
+            in_model = pool.submit(_post, port, "/v1/opensearch/rerank", body)
+            assert rec.entered.wait(10)
+            queued_http = pool.submit(_post, port, "/v1/rerank", body)
+            queued_grpc = pool.submit(lambda: client.rerank("q", _docs(), timeout=60, fail_open=True))
+            while srv.server.service.in_flight < 3:
+                time.sleep(0.01)
+            metrics_before = _fallbacks(port)
+            srv.call(srv.server.stop(1.0))
+            status, headers, listed = in_model.result(10)
+            assert status == 200 and headers["x-rerank-fallback-reason"] == "unavailable"
+            assert [
+                r["index"] for r in sorted(listed, key=lambda r: -r["relevance_score"])
+            ] == FIRST_STAGE_ORDER
+            status, headers, cohere = queued_http.result(10)
+            assert status == 200 and [r["index"] for r in cohere["results"]] == FIRST_STAGE_ORDER
+            _assert_grpc_fallback(queued_grpc.result(10), "unavailable", FIRST_STAGE_ORDER)
+        assert metrics_before == {}
+        assert (
+            srv.server.metrics.registry.get_sample_value("reranker_fallback_total", {"reason": "unavailable"})
+            == 3.0
+        )
+    finally:
+        gate.set()
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
