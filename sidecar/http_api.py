@@ -13,10 +13,12 @@ sidecar.opensearch.mlcommons for the ml-commons facts behind them):
 
 Request: {"query": str, "documents": [str | {"text", "title"?, "id"?, "first_stage_score"?} | [str, ...]],
 "top_n"?: int, "instruction"?: str, "return_documents"?: bool, "fusion"?: "none" | "blend" | "rrf" |
-{"method", "alpha"?, "normalization"?, "rrf_k"?}}. Unknown top-level fields are ignored (Cohere clients
-send `model`). Every shape's score is the ranking score (fused when fusion applies, docs/fusion.md); the
+{"method", "alpha"?, "normalization"?, "rrf_k"?}, "bypass_cache"?: bool (score with the model, neither
+reading nor writing the score cache)}. Unknown top-level fields are ignored (Cohere clients send
+`model`). Every shape's score is the ranking score (fused when fusion applies, docs/fusion.md); the
 Cohere shape also carries the raw `rerank_score`, the `first_stage_score` and the applied `fusion`, and
-every answer names the fusion in the `x-rerank-fusion` header. The `x-rerank-timeout-ms` header sets the
+every answer names the fusion in the `x-rerank-fusion` header and the pairs answered from the score cache
+in `x-rerank-cached`. The `x-rerank-timeout-ms` header sets the
 deadline. GET /health (/healthz), /metrics, /v1/info.
 """
 
@@ -166,6 +168,9 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     if not isinstance(return_documents, bool):
         raise InvalidSchema(f"`return_documents` must be a boolean, got {json_type_name(return_documents)}")
     fusion = obj.get("fusion")
+    bypass_cache = obj.get("bypass_cache", False)
+    if not isinstance(bypass_cache, bool):
+        raise InvalidSchema(f"`bypass_cache` must be a boolean, got {json_type_name(bypass_cache)}")
     q = RerankQuery(
         query=query,
         documents=documents,
@@ -173,6 +178,7 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
         instruction=instruction or None,
         deadline=deadline,
         fusion=None if fusion is None else FusionSpec.parse(fusion),
+        bypass_cache=bypass_cache,
     )
     return q, return_documents
 
@@ -242,6 +248,7 @@ def _headers(result: RerankResult) -> dict[str, str]:
     truncated = sum(h.truncated for h in result.hits)
     if truncated:
         headers["x-rerank-truncated"] = str(truncated)
+    headers["x-rerank-cached"] = str(result.cached_pairs)
     return headers
 
 

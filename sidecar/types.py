@@ -33,6 +33,8 @@ class RerankQuery:
     deadline: float | None = None
     # Score fusion for this request; None uses the server's default.
     fusion: FusionSpec | None = None
+    # Score every pair with the model, neither reading nor writing the score cache.
+    bypass_cache: bool = False
 
 
 class HitStatus(Enum):
@@ -109,3 +111,5 @@ class RerankResult:
     timings: Timings = field(default_factory=Timings)
     # The fusion applied: the request's, the server default's, or none when the default could not apply.
     fusion: FusionSpec = NO_FUSION
+    # Pairs answered from the score cache (no forward pass).
+    cached_pairs: int = 0
