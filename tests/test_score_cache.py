@@ -117,8 +117,8 @@ def make_scorer_info():  # type: ignore[no-untyped-def]
 
 
 def test_a_different_max_length_misses_through_the_server(server_factory, bert_ce_dir, bert_scorer) -> None:
-    """Two servers of the same model at different max lengths, sharing nothing: the key differs, and a
-    server whose max length changed (a restart with new settings) cannot answer from the old one's keys."""
+    """The same weights served at max length 16 key their pairs apart from max length 64 (a truncated
+    pair scores differently), and a truncated pair's hit still says `truncated`."""
     short = make_scorer(bert_ce_dir, max_length=16)
     long_doc = " ".join(["photosynthesis in plant leaves"] * 20)
     k64 = ScoreCache.keys(bert_scorer.info, None, QUERY, [long_doc], bert_scorer.info.max_length)
@@ -226,3 +226,24 @@ def test_entry_bytes_is_not_below_what_an_entry_really_costs() -> None:
     per_entry = (after - before) / len(cache)
     print(f"score cache: {per_entry:.0f} bytes per entry measured, {ENTRY_BYTES} assumed")
     assert len(cache) == 5_500 and per_entry <= ENTRY_BYTES
+
+
+def test_cached_model_scores_under_another_fusion_rank_as_a_fresh_request(
+    server_factory, bert_scorer: Scorer
+) -> None:
+    from sidecar.fusion import FusionSpec
+    from sidecar.types import Document
+
+    srv, recorder = served(server_factory, bert_scorer)
+    docs = [Document(text=t, first_stage_score=float(len(DOCS) - i)) for i, t in enumerate(DOCS)]
+    blend = FusionSpec.parse({"method": "blend", "alpha": 0.3})
+    with RerankerClient(srv.target) as client:
+        client.rerank(QUERY, docs)  # stores the raw model scores
+        before = len(recorder.seen)
+        cached = client.rerank(QUERY, docs, fusion=blend, top_n=2)
+        fresh = client.rerank(QUERY, docs, fusion=blend, top_n=2, bypass_cache=True)
+    assert len(recorder.seen) - before == len(DOCS)  # only the bypassed request reached the model
+    assert cached.cached_pairs == len(DOCS) and cached.fusion.method.value == "blend"
+    assert [h.index for h in cached.hits] == [h.index for h in fresh.hits]
+    for a, b in zip(cached.hits, fresh.hits, strict=True):
+        assert math.isclose(a.ranking_score, b.ranking_score, rel_tol=1e-5, abs_tol=1e-5)
