@@ -37,15 +37,19 @@ class RerankerClient:
         timeout: float | None = 30.0,
         fusion: FusionSpec | None = None,
         fail_open: bool | None = None,
+        bypass_cache: bool = False,
     ) -> RerankResult:
         """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure.
 
         `fusion` overrides the server's default score fusion for this request (docs/fusion.md). Hits come
         back ranked by `fused_score`; `score` stays the model's own. `fail_open` True asks for the documents
         in first-stage order, every hit FALLBACK with its `fallback_reason`, instead of an error when the
-        sidecar cannot score; None uses the server's default.
+        sidecar cannot score; None uses the server's default. `bypass_cache` scores every pair with the
+        model, neither reading nor writing the server's score cache.
         """
         request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction, fail_open=fail_open)
+        if bypass_cache:
+            request.bypass_cache = True
         if fusion is not None:
             request.fusion.CopyFrom(fusion_to_proto(fusion))
         for doc in documents:
@@ -70,7 +74,12 @@ class RerankerClient:
         # A server predating fusion sends no `fusion`: it ranked by the model's score.
         applied = fusion_from_proto(response.fusion) if response.HasField("fusion") else None
         return RerankResult(
-            hits, response.model_id, response.model_revision, timings, fusion=applied or NO_FUSION
+            hits,
+            response.model_id,
+            response.model_revision,
+            timings,
+            fusion=applied or NO_FUSION,
+            cached_pairs=response.cached_pairs,
         )
 
     def info(self, timeout: float | None = 10.0) -> pb.InfoResponse:

@@ -52,11 +52,14 @@ def query_from_proto(request: pb.RerankRequest, time_remaining: float | None) ->
         deadline=None if time_remaining is None else loop.time() + time_remaining,
         fusion=fusion_from_proto(request.fusion) if request.HasField("fusion") else None,
         fail_open=request.fail_open if request.HasField("fail_open") else None,
+        bypass_cache=request.bypass_cache,
     )
 
 
 def result_to_proto(result: RerankResult) -> pb.RerankResponse:
-    response = pb.RerankResponse(model_id=result.model_id, model_revision=result.model_revision)
+    response = pb.RerankResponse(
+        model_id=result.model_id, model_revision=result.model_revision, cached_pairs=result.cached_pairs
+    )
     for h in result.hits:
         response.results.add(
             index=h.index,

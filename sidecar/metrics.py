@@ -76,6 +76,22 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.score_cache_hits = Counter(
+            "reranker_score_cache_hits", "Pairs answered from the score cache (no forward pass).", registry=r
+        )
+        self.score_cache_misses = Counter(
+            "reranker_score_cache_misses",
+            "Pairs looked up in the score cache and not found (sent to the model).",
+            registry=r,
+        )
+        self.score_cache_evictions = Counter(
+            "reranker_score_cache_evictions",
+            "Score cache entries dropped, least recently used first, to stay within score_cache_bytes.",
+            registry=r,
+        )
+        self.score_cache_bytes = Gauge(
+            "reranker_score_cache_bytes", "Bytes the score cache holds (estimated per entry).", registry=r
+        )
         self.auth_refused = Counter(
             "reranker_auth_refused",
             "Calls refused for a missing or wrong bearer token (never counted as requests).",

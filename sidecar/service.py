@@ -15,8 +15,10 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
+
 from sidecar import __version__
-from sidecar.batcher import Batcher
+from sidecar.batcher import Batcher, BatchStats
 from sidecar.errors import (
     DeadlineExceeded,
     InternalError,
@@ -35,6 +37,7 @@ from sidecar.fusion import (
     fuse,
 )
 from sidecar.metrics import Metrics
+from sidecar.score_cache import CachedScore, ScoreCache
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.settings import Settings
 from sidecar.types import (
@@ -77,6 +80,10 @@ class RerankService:
         # Resolved by `start` (it may read the model directory's fusion.json).
         self.default_fusion: FusionSpec | None = None
         self._told_blend_skipped = False
+        # Shared by every front end; None when settings.score_cache_bytes is 0.
+        self.score_cache = (
+            ScoreCache(settings.score_cache_bytes, metrics) if settings.score_cache_bytes else None
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @property
@@ -275,6 +282,10 @@ class RerankService:
         loop = asyncio.get_running_loop()
         deadline = q.deadline if q.deadline is not None else loop.time() + self.settings.default_timeout_s
         pairs = [Pair(q.query, d.model_text(), q.instruction or None) for d in q.documents]
+        # Score cache: pairs it knows never reach the tokenizer or the batcher; only the rest go on.
+        cache_keys, known = self._cache_lookup(q, pairs)
+        todo = [i for i, c in enumerate(known) if c is None]
+        all_pairs, pairs = pairs, [pairs[i] for i in todo]
 
         t0 = time.perf_counter()
         measures = await self._measure(pairs, self.scorer)
@@ -286,21 +297,25 @@ class RerankService:
             self.metrics.truncated.inc(truncated)
 
         remaining = deadline - loop.time()
-        if remaining <= 0:
+        fresh, stats = np.zeros(0, dtype=np.float32), BatchStats()
+        if pairs and remaining <= 0:
             raise DeadlineExceeded(
                 "the deadline passed before the request was queued; raise the client timeout"
             )
         try:
-            scores, stats = await asyncio.wait_for(
-                self.batcher.submit(pairs, [m.tokens for m in measures], deadline), remaining
-            )
+            if pairs:
+                fresh, stats = await asyncio.wait_for(
+                    self.batcher.submit(pairs, [m.tokens for m in measures], deadline), remaining
+                )
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 f"deadline passed after {time.perf_counter() - started:.3f}s before all {len(pairs)} pairs "
                 "were scored; raise the client timeout, send fewer documents, or add capacity"
             ) from exc
+        scores, scored = self._cache_merge(cache_keys, known, todo, fresh, measures)
+        pairs = all_pairs
 
-        fused = fuse(fusion, scores.tolist(), [d.first_stage_score for d in q.documents])
+        fused = fuse(fusion, scores, [d.first_stage_score for d in q.documents])
         # Stable sort: equal scores keep first-stage (input) order.
         order = sorted(range(len(pairs)), key=lambda i: -fused[i])
         # One rule for every front end (Cohere's): 0 or unset means all, more than there are means all.
@@ -312,7 +327,7 @@ class RerankService:
                 score=float(scores[i]),
                 first_stage_score=q.documents[i].first_stage_score,
                 status=HitStatus.RERANKED,
-                truncated=measures[i].truncated,
+                truncated=scored[i].truncated,
                 fused_score=fused[i],
             )
             for i in order[:top_n]
@@ -326,7 +341,12 @@ class RerankService:
             batches=stats.batches,
         )
         return RerankResult(
-            hits=hits, model_id=info.model_id, model_revision=info.revision, timings=timings, fusion=fusion
+            hits=hits,
+            model_id=info.model_id,
+            model_revision=info.revision,
+            timings=timings,
+            fusion=fusion,
+            cached_pairs=len(all_pairs) - len(todo),
         )
 
     # ---- fail-open (issue 15 item 2) --------------------------------------------------------------
@@ -371,6 +391,36 @@ class RerankService:
             timings=Timings(total_seconds=time.perf_counter() - started),
             fusion=NO_FUSION,
         )
+
+    # ---- score cache (sidecar/score_cache.py) --------------------------------------------------
+    def _cache_lookup(
+        self, q: RerankQuery, pairs: list[Pair]
+    ) -> tuple[list[bytes], list[CachedScore | None]]:
+        """Keys and cached scores of `pairs`; no keys and nothing known when off or bypassed."""
+        if self.score_cache is None or q.bypass_cache:
+            return [], [None] * len(pairs)
+        assert self.scorer is not None
+        info = self.scorer.info
+        keys = ScoreCache.keys(info, q.instruction, q.query, [p.document for p in pairs], info.max_length)
+        return keys, self.score_cache.get_many(keys)
+
+    def _cache_merge(
+        self,
+        keys: list[bytes],
+        known: list[CachedScore | None],
+        todo: list[int],
+        fresh: np.ndarray,
+        measures: list[Measure],
+    ) -> tuple[list[float], list[CachedScore]]:
+        """Every pair's score and truncation, cached and fresh together; fresh ones stored when keyed."""
+        merged = list(known)
+        for j, i in enumerate(todo):
+            merged[i] = CachedScore(float(fresh[j]), measures[j].truncated)
+        if keys and self.score_cache is not None and todo:
+            self.score_cache.put_many([(keys[i], merged[i]) for i in todo])  # type: ignore[misc]
+        done = [c for c in merged if c is not None]
+        assert len(done) == len(merged)
+        return [c.score for c in done], done
 
     async def _measure(self, pairs: list[Pair], scorer: Scorer) -> list[Measure]:
         """Tokenize in slices of MEASURE_SLICE_PAIRS: each slice is its own job on the tokenize threads,

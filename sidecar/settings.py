@@ -105,6 +105,16 @@ class Settings(BaseSettings):
         "holds about 70,000). Repeated documents then cost no forward pass; the bytes count against "
         "the container's memory limit. 0 disables it.",
     )
+    score_cache_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="Memory for reranker scores, most recently used kept, keyed by the model, instruction, "
+        "query, document text and max length (an entry costs at most 300 bytes however long the texts; "
+        "64 MiB holds about 220,000 pairs). A repeated (query, document) pair then costs no forward pass "
+        "and gets the identical score; the bytes count against the container's memory limit, and a "
+        "workload that never repeats a pair pays the hashing (microseconds per pair) for nothing. "
+        "0 disables it; a request can bypass it (bypass_cache).",
+    )
     embedding_cache_dir: str | None = Field(
         None,
         description="Bi-encoders only: a directory where document embeddings persist (SQLite, one file per "

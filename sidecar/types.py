@@ -36,6 +36,8 @@ class RerankQuery:
     # Answer in first-stage order, every hit FALLBACK, instead of an error when nothing can be scored;
     # None uses the server's default (settings.fail_open).
     fail_open: bool | None = None
+    # Score every pair with the model, neither reading nor writing the score cache.
+    bypass_cache: bool = False
 
 
 class HitStatus(Enum):
@@ -112,3 +114,5 @@ class RerankResult:
     timings: Timings = field(default_factory=Timings)
     # The fusion applied: the request's, the server default's, or none when the default could not apply.
     fusion: FusionSpec = NO_FUSION
+    # Pairs answered from the score cache (no forward pass).
+    cached_pairs: int = 0

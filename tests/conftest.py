@@ -17,6 +17,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # to auto would check different numbers on different machines. Every settings object and every `serve`
 # process the tests start is float32 unless a test names another precision (tests/test_precision.py).
 os.environ["RERANK_DTYPE"] = "float32"
+# The score cache answers a repeated pair without the model; tests that count forward passes or provoke
+# deadlines with repeated requests rely on every pair reaching it, so it is off unless a test turns it on
+# (tests/test_score_cache.py).
+os.environ["RERANK_SCORE_CACHE_BYTES"] = "0"
 
 from sidecar.scoring.base import Scorer
 from sidecar.settings import Settings

@@ -51,20 +51,22 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., first_stage_score: _Optional[float] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "fail_open")
+    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "fail_open", "bypass_cache")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
     instruction: str
     fusion: Fusion
     fail_open: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., fail_open: _Optional[bool] = ...) -> None: ...
+    bypass_cache: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., fail_open: _Optional[bool] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "alpha", "normalization", "rrf_k")
@@ -111,18 +113,20 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., inference_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., batches: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "model_id", "model_revision", "timings", "fusion")
+    __slots__ = ("results", "model_id", "model_revision", "timings", "fusion", "cached_pairs")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAIRS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RankedDocument]
     model_id: str
     model_revision: str
     timings: Timings
     fusion: Fusion
-    def __init__(self, results: _Optional[_Iterable[_Union[RankedDocument, _Mapping]]] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ...) -> None: ...
+    cached_pairs: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedDocument, _Mapping]]] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., cached_pairs: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
