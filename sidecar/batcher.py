@@ -42,6 +42,20 @@ class BatchStats:
 
 
 @dataclass(eq=False)
+class Progress:
+    """A job's scores as its batches finish, for a request that may be answered with part of them at its
+    deadline (partial results, README "Partial results"). Its job is scheduled in queue order, not
+    longest first, so what is scored first is the head of the list the service queued."""
+
+    scores: np.ndarray
+    done: np.ndarray  # bool per pair: scores[i] holds the model's score
+
+    @classmethod
+    def of(cls, n: int) -> Progress:
+        return cls(np.zeros(n, dtype=np.float32), np.zeros(n, dtype=bool))
+
+
+@dataclass(eq=False)
 class _Job:
     pairs: Sequence[Pair]
     deadline: float
@@ -52,6 +66,7 @@ class _Job:
     queued: int  # items of this job still in the queue
     stats: BatchStats = field(default_factory=BatchStats)
     abandoned: bool = False  # cancelled by the client or timed out in the front end
+    progress: Progress | None = None  # set: scored in queue order, each score published as it comes
 
     @property
     def dead(self) -> bool:
@@ -103,12 +118,18 @@ class Batcher:
         return self._queued_pairs
 
     async def submit(
-        self, pairs: Sequence[Pair], tokens: Sequence[int], deadline: float
+        self,
+        pairs: Sequence[Pair],
+        tokens: Sequence[int],
+        deadline: float,
+        progress: Progress | None = None,
     ) -> tuple[np.ndarray, BatchStats]:
         """Score `pairs` (with their token counts) before `deadline` (loop time).
 
         Raises Overloaded at once when the queue cannot take them, NotReady after close().
         Cancelling the awaiting task abandons the job: its queued pairs never reach the model.
+        With `progress`, the pairs are scored in the order given and every batch's scores land in it, so
+        the caller keeps what was scored even when the job fails or is cancelled.
         """
         if self._closed:
             raise NotReady("the sidecar is shutting down; retry on another replica")
@@ -135,6 +156,7 @@ class Batcher:
             scores=np.empty(n, dtype=np.float32),
             remaining=n,
             queued=n,
+            progress=progress,
         )
         self._queue.extend(_Item(job, i, max(1, t)) for i, t in enumerate(tokens))
         self._queued_pairs += n
@@ -143,7 +165,8 @@ class Batcher:
         try:
             scores = await job.future
         except asyncio.CancelledError:
-            self._abandon(job, "cancelled")
+            # The service gives up at the deadline itself (a partial answer): counted as the deadline's.
+            self._abandon(job, "deadline" if loop.time() >= deadline else "cancelled")
             raise
         return scores, job.stats
 
@@ -251,14 +274,16 @@ class Batcher:
             budget -= item.tokens
         if not window:
             return []
-        own = sorted((i for i in window if i.job is head), key=lambda i: -i.tokens)
+        own = [i for i in window if i.job is head]
+        if head is not None and head.progress is None:
+            own.sort(key=lambda i: -i.tokens)  # else in queue order: a partial answer covers the head
         batch: list[_Item] = []
         for item in own:
             if not self._fits(batch, item):
                 break
             batch.append(item)
         if len(batch) == len(own):
-            longest = batch[0].tokens
+            longest = max(i.tokens for i in batch)
             others = sorted((i for i in window if i.job is not head), key=lambda i: -i.tokens)
             for item in others:
                 if item.tokens <= longest and self._fits(batch, item):
@@ -273,7 +298,9 @@ class Batcher:
     def _fits(self, batch: list[_Item], item: _Item) -> bool:
         if not batch:
             return True
-        longest = max(batch[0].tokens, item.tokens)
+        # batch[0] is the longest unless the head job keeps queue order (Progress): then look at all.
+        first = batch[0].tokens if batch[0].job.progress is None else max(i.tokens for i in batch)
+        longest = max(first, item.tokens)
         return len(batch) < self.max_batch_pairs and (len(batch) + 1) * longest <= self.max_batch_tokens
 
     def _expire(self, job: _Job) -> None:
@@ -324,6 +351,9 @@ class Batcher:
         for item, score in zip(batch, scores, strict=True):
             job = item.job
             job.scores[item.index] = score
+            if job.progress is not None:
+                job.progress.scores[item.index] = score
+                job.progress.done[item.index] = True
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.scores)

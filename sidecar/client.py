@@ -38,6 +38,7 @@ class RerankerClient:
         fusion: FusionSpec | None = None,
         fail_open: bool | None = None,
         bypass_cache: bool = False,
+        partial_results: bool | None = None,
     ) -> RerankResult:
         """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure.
 
@@ -45,9 +46,17 @@ class RerankerClient:
         back ranked by `fused_score`; `score` stays the model's own. `fail_open` True asks for the documents
         in first-stage order, every hit FALLBACK with its `fallback_reason`, instead of an error when the
         sidecar cannot score; None uses the server's default. `bypass_cache` scores every pair with the
-        model, neither reading nor writing the server's score cache.
+        model, neither reading nor writing the server's score cache. `partial_results` True asks, when the
+        deadline comes first, for the pairs scored so far (RERANKED) and the rest below them in first-stage
+        order (FALLBACK "deadline") instead of DEADLINE_EXCEEDED; None uses the server's default.
         """
-        request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction, fail_open=fail_open)
+        request = pb.RerankRequest(
+            query=query,
+            top_n=top_n,
+            instruction=instruction,
+            fail_open=fail_open,
+            partial_results=partial_results,
+        )
         if bypass_cache:
             request.bypass_cache = True
         if fusion is not None:

@@ -53,6 +53,7 @@ def query_from_proto(request: pb.RerankRequest, time_remaining: float | None) ->
         fusion=fusion_from_proto(request.fusion) if request.HasField("fusion") else None,
         fail_open=request.fail_open if request.HasField("fail_open") else None,
         bypass_cache=request.bypass_cache,
+        partial_results=request.partial_results if request.HasField("partial_results") else None,
     )
 
 

@@ -14,14 +14,17 @@ sidecar.opensearch.mlcommons for the ml-commons facts behind them):
 Request: {"query": str, "documents": [str | {"text", "title"?, "id"?, "first_stage_score"?} | [str, ...]],
 "top_n"?: int, "instruction"?: str, "return_documents"?: bool, "fusion"?: "none" | "blend" | "rrf" |
 {"method", "alpha"?, "normalization"?, "rrf_k"?}, "fail_open"?: bool, "bypass_cache"?: bool (score with the
-model, neither reading nor writing the score cache)}. Unknown top-level fields are ignored (Cohere clients
-send `model`). Every shape's score is the ranking score (fused when fusion applies, docs/fusion.md); the
-Cohere shape also carries the raw `rerank_score`, the `first_stage_score` and the applied `fusion`, and
-every answer names the fusion in the `x-rerank-fusion` header and the pairs answered from the score cache
-in `x-rerank-cached`. The `x-rerank-timeout-ms` header sets the deadline. A fail-open answer
-(`"fail_open": true`, README "Fail-open") is a 200 in the same shape, first-stage order, every hit with
-`fallback_reason`, scores n..1 (descending, so OpenSearch keeps that order), headers `x-rerank-fallback`
-(how many hits fell back) and `x-rerank-fallback-reason`.
+model, neither reading nor writing the score cache), "partial_results"?: bool}. Unknown top-level fields are
+ignored (Cohere clients send `model`). Every shape's score is the ranking score (fused when fusion applies,
+docs/fusion.md); the Cohere shape also carries the raw `rerank_score`, the `first_stage_score` and the
+applied `fusion`, and every answer names the fusion in the `x-rerank-fusion` header and the pairs answered
+from the score cache in `x-rerank-cached`. The `x-rerank-timeout-ms` header sets the deadline. A fail-open
+answer (`"fail_open": true`, README "Fail-open") is a 200 in the same shape, first-stage order, every hit
+with `fallback_reason`, scores n..1 (descending, so OpenSearch keeps that order), headers
+`x-rerank-fallback` (how many hits fell back) and `x-rerank-fallback-reason`. A partial answer
+(`"partial_results": true`, README "Partial results") is a 200 in the same shape: the scored hits first,
+then the unscored ones with `fallback_reason` "deadline" in first-stage order, their scores below every
+scored hit's (so OpenSearch keeps that order), with the same two headers.
 GET /health (/healthz), /metrics, /v1/info.
 """
 
@@ -174,6 +177,9 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     fail_open = obj.get("fail_open")
     if fail_open is not None and not isinstance(fail_open, bool):
         raise InvalidSchema(f"`fail_open` must be a boolean, got {json_type_name(fail_open)}")
+    partial_results = obj.get("partial_results")
+    if partial_results is not None and not isinstance(partial_results, bool):
+        raise InvalidSchema(f"`partial_results` must be a boolean, got {json_type_name(partial_results)}")
     bypass_cache = obj.get("bypass_cache", False)
     if not isinstance(bypass_cache, bool):
         raise InvalidSchema(f"`bypass_cache` must be a boolean, got {json_type_name(bypass_cache)}")
@@ -186,6 +192,7 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
         fusion=None if fusion is None else FusionSpec.parse(fusion),
         fail_open=fail_open,
         bypass_cache=bypass_cache,
+        partial_results=partial_results,
     )
     return q, return_documents
 

@@ -100,8 +100,19 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "reranker_fallback",
-            "Requests answered in first-stage order because nothing could be scored (fail-open), by reason.",
+            "Requests answered with FALLBACK hits, by reason: in first-stage order because nothing could be "
+            "scored (fail-open), or with the unscored part of a partial answer (reason deadline).",
             ["reason"],
+            registry=r,
+        )
+        self.partial_answers = Counter(
+            "reranker_partial_answers",
+            "Requests answered at their deadline with part of their pairs scored (partial results).",
+            registry=r,
+        )
+        self.partial_fallback_hits = Counter(
+            "reranker_partial_fallback_hits",
+            "Hits of partial answers left unscored at the deadline (FALLBACK, reason deadline).",
             registry=r,
         )
         self.ready = Gauge("reranker_ready", "1 when serving, 0 when loading or draining.", registry=r)

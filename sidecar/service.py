@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sidecar import __version__
-from sidecar.batcher import Batcher, BatchStats
+from sidecar.batcher import Batcher, BatchStats, Progress
 from sidecar.errors import (
     DeadlineExceeded,
     InternalError,
@@ -282,9 +282,12 @@ class RerankService:
         loop = asyncio.get_running_loop()
         deadline = q.deadline if q.deadline is not None else loop.time() + self.settings.default_timeout_s
         pairs = [Pair(q.query, d.model_text(), q.instruction or None) for d in q.documents]
+        partial = self.settings.partial_results if q.partial_results is None else q.partial_results
         # Score cache: pairs it knows never reach the tokenizer or the batcher; only the rest go on.
         cache_keys, known = self._cache_lookup(q, pairs)
-        todo = [i for i, c in enumerate(known) if c is None]
+        # A request that may be answered partially is queued (and scored) in first-stage order.
+        queue_order = first_stage_order(q) if partial else range(len(pairs))
+        todo = [i for i in queue_order if known[i] is None]
         all_pairs, pairs = pairs, [pairs[i] for i in todo]
 
         t0 = time.perf_counter()
@@ -296,22 +299,35 @@ class RerankService:
         if truncated:
             self.metrics.truncated.inc(truncated)
 
+        # With partial results the answer is built partial_results_margin_ms before the deadline.
+        progress = Progress.of(len(pairs)) if partial and pairs else None
+        if progress is not None:
+            deadline -= self.settings.partial_results_margin_ms / 1000
         remaining = deadline - loop.time()
         fresh, stats = np.zeros(0, dtype=np.float32), BatchStats()
-        if pairs and remaining <= 0:
+        if pairs and remaining <= 0 and progress is None:
             raise DeadlineExceeded(
                 "the deadline passed before the request was queued; raise the client timeout"
             )
         try:
-            if pairs:
+            if pairs and remaining > 0:
                 fresh, stats = await asyncio.wait_for(
-                    self.batcher.submit(pairs, [m.tokens for m in measures], deadline), remaining
+                    self.batcher.submit(pairs, [m.tokens for m in measures], deadline, progress),
+                    remaining,
                 )
-        except TimeoutError as exc:
-            raise DeadlineExceeded(
-                f"deadline passed after {time.perf_counter() - started:.3f}s before all {len(pairs)} pairs "
-                "were scored; raise the client timeout, send fewer documents, or add capacity"
-            ) from exc
+            elif progress is not None:
+                raise TimeoutError
+        except (TimeoutError, DeadlineExceeded) as exc:
+            if progress is None:
+                if isinstance(exc, DeadlineExceeded):
+                    raise
+                raise DeadlineExceeded(
+                    f"deadline passed after {time.perf_counter() - started:.3f}s before all {len(pairs)} "
+                    "pairs were scored; raise the client timeout, send fewer documents, or add capacity"
+                ) from exc
+            # Partial results: keep what the model scored, the rest falls back below it.
+            known = self._cache_merge_partial(cache_keys, known, todo, progress, measures)
+            return self._partial_answer(q, fusion, known, started, len(all_pairs) - len(todo))
         scores, scored = self._cache_merge(cache_keys, known, todo, fresh, measures)
         pairs = all_pairs
 
@@ -391,6 +407,84 @@ class RerankService:
             timings=Timings(total_seconds=time.perf_counter() - started),
             fusion=NO_FUSION,
         )
+
+    # ---- partial results (issue 15 item 1) -------------------------------------------------------
+    def _partial_answer(
+        self,
+        q: RerankQuery,
+        fusion: FusionSpec,
+        known: list[CachedScore | None],
+        started: float,
+        cached_pairs: int,
+    ) -> RerankResult:
+        """The answer at the deadline: the scored hits (cached or fresh) ranked as usual, then the
+        unscored ones in first-stage order, FALLBACK "deadline", their ranking scores below every scored
+        hit's (lowest - 1, lowest - 2, ...; n, n-1, ... when none was scored) so that anything sorting by
+        the ranking score, OpenSearch included, keeps that order."""
+        scored = [i for i, c in enumerate(known) if c is not None]
+        rest = [i for i in first_stage_order(q) if known[i] is None]
+        raw = [known[i].score for i in scored]  # type: ignore[union-attr]
+        fused = fuse(fusion, raw, [q.documents[i].first_stage_score for i in scored]) if scored else []
+        ranked = sorted(range(len(scored)), key=lambda j: -fused[j])
+        lowest = min(fused) if fused else float(len(q.documents) + 1)
+        hits = [
+            RankedHit(
+                index=scored[j],
+                id=q.documents[scored[j]].id,
+                score=raw[j],
+                first_stage_score=q.documents[scored[j]].first_stage_score,
+                status=HitStatus.RERANKED,
+                truncated=known[scored[j]].truncated,  # type: ignore[union-attr]
+                fused_score=fused[j],
+            )
+            for j in ranked
+        ] + [
+            RankedHit(
+                index=i,
+                id=q.documents[i].id,
+                score=0.0,  # no model score; `status` says so
+                first_stage_score=q.documents[i].first_stage_score,
+                status=HitStatus.FALLBACK,
+                fallback_reason="deadline",
+                fused_score=lowest - 1.0 - position,
+            )
+            for position, i in enumerate(rest)
+        ]
+        top_n = min(q.top_n or len(hits), len(hits))
+        self.metrics.partial_answers.inc()
+        self.metrics.partial_fallback_hits.inc(len(rest))
+        if rest:
+            self.metrics.fallbacks.labels("deadline").inc()
+        self.metrics.fusion_requests.labels(fusion.method.value).inc()
+        log.info("partial answer at the deadline: %d of %d pairs scored", len(scored), len(known))
+        assert self.scorer is not None
+        info = self.scorer.info
+        return RerankResult(
+            hits=hits[:top_n],
+            model_id=info.model_id,
+            model_revision=info.revision,
+            timings=Timings(total_seconds=time.perf_counter() - started),
+            fusion=fusion,
+            cached_pairs=cached_pairs,
+        )
+
+    def _cache_merge_partial(
+        self,
+        keys: list[bytes],
+        known: list[CachedScore | None],
+        todo: list[int],
+        progress: Progress,
+        measures: list[Measure],
+    ) -> list[CachedScore | None]:
+        """`known` with the pairs the model scored before the deadline added (and cached when keyed);
+        None stays where no score came."""
+        merged = list(known)
+        done = [(j, i) for j, i in enumerate(todo) if progress.done[j]]
+        for j, i in done:
+            merged[i] = CachedScore(float(progress.scores[j]), measures[j].truncated)
+        if keys and self.score_cache is not None and done:
+            self.score_cache.put_many([(keys[i], merged[i]) for _, i in done])  # type: ignore[misc]
+        return merged
 
     # ---- score cache (sidecar/score_cache.py) --------------------------------------------------
     def _cache_lookup(

@@ -255,6 +255,24 @@ class Settings(BaseSettings):
         "but may silently get worse while it is down (watch reranker_fallback_total); off, the caller sees "
         "the error and chooses (retry, another replica, its own fallback).",
     )
+    partial_results: bool = Field(
+        False,
+        description='Default for requests that do not say (gRPC `partial_results`, HTTP "partial_results"): '
+        "when the deadline is about to pass, answer OK with every pair scored so far (RERANKED, ranked) and "
+        "the unscored rest below them in first-stage order (FALLBACK, reason deadline), instead of "
+        "DEADLINE_EXCEEDED / 504. Such requests are scored in first-stage order, not longest first, so the "
+        "head of the list is scored first at the cost of more padding per batch (more inference time). On, "
+        "a slow reranker degrades the ranking below the head instead of failing the search; off, the "
+        "caller sees the error and chooses.",
+    )
+    partial_results_margin_ms: float = Field(
+        50.0,
+        ge=0,
+        description="With partial results, how long before the deadline the partial answer is built and "
+        "sent, so it reaches the client in time (it covers answering and the network; a batch still in the "
+        "model then is not waited for). Larger is safer against the client giving up first but scores "
+        "fewer pairs; a margin at least the deadline's length answers with no pair scored.",
+    )
 
     # --- score fusion (docs/fusion.md) --------------------------------------------------------
     fusion: Literal["auto", "none", "blend", "rrf", "erank_hybrid"] = Field(

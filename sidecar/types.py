@@ -38,6 +38,9 @@ class RerankQuery:
     fail_open: bool | None = None
     # Score every pair with the model, neither reading nor writing the score cache.
     bypass_cache: bool = False
+    # At the deadline answer with the pairs scored so far, the rest FALLBACK "deadline" in first-stage
+    # order below them, instead of an error; None uses the server's default (settings.partial_results).
+    partial_results: bool | None = None
 
 
 class HitStatus(Enum):

@@ -12,8 +12,25 @@ import numpy as np
 from sidecar.scoring.base import Measure, Pair, Scorer
 
 
+class BatchGate:
+    """A gate that lets exactly the batches it is told through (`allow`), holding the rest in the model
+    thread; `open` lets everything through (teardown)."""
+
+    def __init__(self) -> None:
+        self._permits = threading.Semaphore(0)
+
+    def allow(self, batches: int) -> None:
+        self._permits.release(batches)
+
+    def open(self) -> None:
+        self._permits.release(10_000)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._permits.acquire(timeout=timeout)
+
+
 class RecordingScorer(Scorer):
-    def __init__(self, inner: Scorer, gate: threading.Event | None = None) -> None:
+    def __init__(self, inner: Scorer, gate: threading.Event | BatchGate | None = None) -> None:
         self.inner = inner
         self.info = inner.info
         self.gate = gate

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areranker/v1/reranker.proto\x12\x0breranker.v1\"x\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05title\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1e\n\x11\x66irst_stage_score\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_titleB\x14\n\x12_first_stage_score\"\x87\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12(\n\tdocuments\x18\x02 \x03(\x0b\x32\x15.reranker.v1.Document\x12\x12\n\x05top_n\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0binstruction\x18\x04 \x01(\tH\x01\x88\x01\x01\x12#\n\x06\x66usion\x18\x05 \x01(\x0b\x32\x13.reranker.v1.Fusion\x12\x16\n\tfail_open\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x19\n\x0c\x62ypass_cache\x18\x08 \x01(\x08H\x03\x88\x01\x01\x42\x08\n\x06_top_nB\x0e\n\x0c_instructionB\x0c\n\n_fail_openB\x0f\n\r_bypass_cache\"\xa2\x01\n\x06\x46usion\x12)\n\x06method\x18\x01 \x01(\x0e\x32\x19.reranker.v1.FusionMethod\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x31\n\rnormalization\x18\x03 \x01(\x0e\x32\x1a.reranker.v1.Normalization\x12\x12\n\x05rrf_k\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_alphaB\x08\n\x06_rrf_k\"\xee\x01\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x1e\n\x11\x66irst_stage_score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.reranker.v1.HitStatus\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12\x18\n\x0b\x66used_score\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_first_stage_scoreB\x0e\n\x0c_fused_score\"c\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\r\"\xca\x01\n\x0eRerankResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.reranker.v1.RankedDocument\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0emodel_revision\x18\x03 \x01(\t\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.reranker.v1.Timings\x12#\n\x06\x66usion\x18\x05 \x01(\x0b\x32\x13.reranker.v1.Fusion\x12\x14\n\x0c\x63\x61\x63hed_pairs\x18\x07 \x01(\r\"\r\n\x0bInfoRequest\"\xfb\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tattention\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x08 \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\t \x01(\r\x12\x15\n\rmax_documents\x18\n \x01(\r\x12\x17\n\x0fmax_queue_pairs\x18\x0b \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65pts_instruction\x18\x0c \x01(\x08\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12+\n\x0e\x64\x65\x66\x61ult_fusion\x18\x0e \x01(\x0b\x32\x13.reranker.v1.Fusion\x12\x16\n\x0emax_body_bytes\x18\x0f \x01(\x04\x12\r\n\x05ready\x18\x10 \x01(\x08*\x95\x01\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46USION_METHOD_NONE\x10\x01\x12\x17\n\x13\x46USION_METHOD_BLEND\x10\x02\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x03\x12\x1e\n\x1a\x46USION_METHOD_ERANK_HYBRID\x10\x04*d\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x19\n\x15NORMALIZATION_MIN_MAX\x10\x01\x12\x19\n\x15NORMALIZATION_Z_SCORE\x10\x02*Y\n\tHitStatus\x12\x1a\n\x16HIT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13HIT_STATUS_RERANKED\x10\x01\x12\x17\n\x13HIT_STATUS_FALLBACK\x10\x02\x32\x91\x01\n\x0fRerankerService\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12;\n\x04Info\x12\x18.reranker.v1.InfoRequest\x1a\x19.reranker.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areranker/v1/reranker.proto\x12\x0breranker.v1\"x\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05title\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1e\n\x11\x66irst_stage_score\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_titleB\x14\n\x12_first_stage_score\"\xb9\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12(\n\tdocuments\x18\x02 \x03(\x0b\x32\x15.reranker.v1.Document\x12\x12\n\x05top_n\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0binstruction\x18\x04 \x01(\tH\x01\x88\x01\x01\x12#\n\x06\x66usion\x18\x05 \x01(\x0b\x32\x13.reranker.v1.Fusion\x12\x1c\n\x0fpartial_results\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x16\n\tfail_open\x18\x07 \x01(\x08H\x03\x88\x01\x01\x12\x19\n\x0c\x62ypass_cache\x18\x08 \x01(\x08H\x04\x88\x01\x01\x42\x08\n\x06_top_nB\x0e\n\x0c_instructionB\x12\n\x10_partial_resultsB\x0c\n\n_fail_openB\x0f\n\r_bypass_cache\"\xa2\x01\n\x06\x46usion\x12)\n\x06method\x18\x01 \x01(\x0e\x32\x19.reranker.v1.FusionMethod\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x31\n\rnormalization\x18\x03 \x01(\x0e\x32\x1a.reranker.v1.Normalization\x12\x12\n\x05rrf_k\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_alphaB\x08\n\x06_rrf_k\"\xee\x01\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x1e\n\x11\x66irst_stage_score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.reranker.v1.HitStatus\x12\x17\n\x0f\x66\x61llback_reason\x18\x06 \x01(\t\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12\x18\n\x0b\x66used_score\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_first_stage_scoreB\x0e\n\x0c_fused_score\"c\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\r\"\xca\x01\n\x0eRerankResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.reranker.v1.RankedDocument\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0emodel_revision\x18\x03 \x01(\t\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.reranker.v1.Timings\x12#\n\x06\x66usion\x18\x05 \x01(\x0b\x32\x13.reranker.v1.Fusion\x12\x14\n\x0c\x63\x61\x63hed_pairs\x18\x07 \x01(\r\"\r\n\x0bInfoRequest\"\xfb\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tattention\x18\x06 \x01(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x08 \x01(\r\x12\x17\n\x0fmax_batch_pairs\x18\t \x01(\r\x12\x15\n\rmax_documents\x18\n \x01(\r\x12\x17\n\x0fmax_queue_pairs\x18\x0b \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65pts_instruction\x18\x0c \x01(\x08\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12+\n\x0e\x64\x65\x66\x61ult_fusion\x18\x0e \x01(\x0b\x32\x13.reranker.v1.Fusion\x12\x16\n\x0emax_body_bytes\x18\x0f \x01(\x04\x12\r\n\x05ready\x18\x10 \x01(\x08*\x95\x01\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46USION_METHOD_NONE\x10\x01\x12\x17\n\x13\x46USION_METHOD_BLEND\x10\x02\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x03\x12\x1e\n\x1a\x46USION_METHOD_ERANK_HYBRID\x10\x04*d\n\rNormalization\x12\x1d\n\x19NORMALIZATION_UNSPECIFIED\x10\x00\x12\x19\n\x15NORMALIZATION_MIN_MAX\x10\x01\x12\x19\n\x15NORMALIZATION_Z_SCORE\x10\x02*Y\n\tHitStatus\x12\x1a\n\x16HIT_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13HIT_STATUS_RERANKED\x10\x01\x12\x17\n\x13HIT_STATUS_FALLBACK\x10\x02\x32\x91\x01\n\x0fRerankerService\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12;\n\x04Info\x12\x18.reranker.v1.InfoRequest\x1a\x19.reranker.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reranker.v1.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FUSIONMETHOD']._serialized_start=1541
-  _globals['_FUSIONMETHOD']._serialized_end=1690
-  _globals['_NORMALIZATION']._serialized_start=1692
-  _globals['_NORMALIZATION']._serialized_end=1792
-  _globals['_HITSTATUS']._serialized_start=1794
-  _globals['_HITSTATUS']._serialized_end=1883
+  _globals['_FUSIONMETHOD']._serialized_start=1591
+  _globals['_FUSIONMETHOD']._serialized_end=1740
+  _globals['_NORMALIZATION']._serialized_start=1742
+  _globals['_NORMALIZATION']._serialized_end=1842
+  _globals['_HITSTATUS']._serialized_start=1844
+  _globals['_HITSTATUS']._serialized_end=1933
   _globals['_DOCUMENT']._serialized_start=43
   _globals['_DOCUMENT']._serialized_end=163
   _globals['_RERANKREQUEST']._serialized_start=166
-  _globals['_RERANKREQUEST']._serialized_end=429
-  _globals['_FUSION']._serialized_start=432
-  _globals['_FUSION']._serialized_end=594
-  _globals['_RANKEDDOCUMENT']._serialized_start=597
-  _globals['_RANKEDDOCUMENT']._serialized_end=835
-  _globals['_TIMINGS']._serialized_start=837
-  _globals['_TIMINGS']._serialized_end=936
-  _globals['_RERANKRESPONSE']._serialized_start=939
-  _globals['_RERANKRESPONSE']._serialized_end=1141
-  _globals['_INFOREQUEST']._serialized_start=1143
-  _globals['_INFOREQUEST']._serialized_end=1156
-  _globals['_INFORESPONSE']._serialized_start=1159
-  _globals['_INFORESPONSE']._serialized_end=1538
-  _globals['_RERANKERSERVICE']._serialized_start=1886
-  _globals['_RERANKERSERVICE']._serialized_end=2031
+  _globals['_RERANKREQUEST']._serialized_end=479
+  _globals['_FUSION']._serialized_start=482
+  _globals['_FUSION']._serialized_end=644
+  _globals['_RANKEDDOCUMENT']._serialized_start=647
+  _globals['_RANKEDDOCUMENT']._serialized_end=885
+  _globals['_TIMINGS']._serialized_start=887
+  _globals['_TIMINGS']._serialized_end=986
+  _globals['_RERANKRESPONSE']._serialized_start=989
+  _globals['_RERANKRESPONSE']._serialized_end=1191
+  _globals['_INFOREQUEST']._serialized_start=1193
+  _globals['_INFOREQUEST']._serialized_end=1206
+  _globals['_INFORESPONSE']._serialized_start=1209
+  _globals['_INFORESPONSE']._serialized_end=1588
+  _globals['_RERANKERSERVICE']._serialized_start=1936
+  _globals['_RERANKERSERVICE']._serialized_end=2081
 # @@protoc_insertion_point(module_scope)

@@ -51,12 +51,13 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., first_stage_score: _Optional[float] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "fail_open", "bypass_cache")
+    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "partial_results", "fail_open", "bypass_cache")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
     query: str
@@ -64,9 +65,10 @@ class RerankRequest(_message.Message):
     top_n: int
     instruction: str
     fusion: Fusion
+    partial_results: bool
     fail_open: bool
     bypass_cache: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., fail_open: _Optional[bool] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., partial_results: _Optional[bool] = ..., fail_open: _Optional[bool] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "alpha", "normalization", "rrf_k")
