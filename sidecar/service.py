@@ -290,8 +290,20 @@ class RerankService:
         todo = [i for i in queue_order if known[i] is None]
         all_pairs, pairs = pairs, [pairs[i] for i in todo]
 
+        progress = Progress.of(len(pairs)) if partial and pairs else None
+        if progress is not None:
+            # With partial results the answer is built partial_results_margin_ms before the deadline,
+            # whatever is under way then (tokenizing included).
+            deadline -= self.settings.partial_results_margin_ms / 1000
         t0 = time.perf_counter()
-        measures = await self._measure(pairs, self.scorer)
+        measuring = self._measure(pairs, self.scorer)
+        if progress is None:
+            measures = await measuring
+        else:
+            try:
+                measures = await asyncio.wait_for(measuring, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return self._partial_answer(q, fusion, known, started, len(all_pairs) - len(todo))
         self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         # From here on only what the model can read is held per pair (Measure.clipped).
         pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
@@ -299,10 +311,6 @@ class RerankService:
         if truncated:
             self.metrics.truncated.inc(truncated)
 
-        # With partial results the answer is built partial_results_margin_ms before the deadline.
-        progress = Progress.of(len(pairs)) if partial and pairs else None
-        if progress is not None:
-            deadline -= self.settings.partial_results_margin_ms / 1000
         remaining = deadline - loop.time()
         fresh, stats = np.zeros(0, dtype=np.float32), BatchStats()
         if pairs and remaining <= 0 and progress is None:
