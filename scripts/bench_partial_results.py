@@ -11,7 +11,7 @@ and for the baseline how many requests failed. Documents are SciFact's (title + 
 synthetic sentences. The default model is a tiny random BERT (max_length 256).
 
     PYTHONPATH=. python scripts/bench_partial_results.py [--model DIR] [--dtype D] [--rounds 5]
-        [--concurrency 8] [--docs 100] [--deadline-ms 1000] [--max-batch-tokens N]
+        [--concurrency 8] [--docs 100] [--deadline-ms 1000] [--margin-ms 100] [--max-batch-tokens N]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ async def main_async(args: argparse.Namespace) -> None:
         metrics_port=0,
         score_cache_bytes=0,
         fusion="none",
+        partial_results_margin_ms=args.margin_ms,
         **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
     )
     docs = documents(args.docs)
@@ -139,6 +140,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--docs", type=int, default=100)
     p.add_argument("--deadline-ms", type=float, default=1000)
+    p.add_argument("--margin-ms", type=float, default=100, help="partial_results_margin_ms")
     p.add_argument("--max-batch-tokens", type=int, default=0, help="as serve (default: the server's)")
     asyncio.run(main_async(p.parse_args()))
 

@@ -266,12 +266,14 @@ class Settings(BaseSettings):
         "caller sees the error and chooses.",
     )
     partial_results_margin_ms: float = Field(
-        50.0,
+        100.0,
         ge=0,
         description="With partial results, how long before the deadline the partial answer is built and "
-        "sent, so it reaches the client in time (it covers answering and the network; a batch still in the "
-        "model then is not waited for). Larger is safer against the client giving up first but scores "
-        "fewer pairs; a margin at least the deadline's length answers with no pair scored.",
+        "sent, so it reaches the client in time (it covers answering, the network, and the time before the "
+        "server saw the request; a batch still in the model then is not waited for; 50 ms let answers "
+        "arrive late on an overloaded 2-core host, 100 ms did not). Larger is safer against the client "
+        "giving up first but scores fewer pairs; a margin at least the deadline's length answers with no "
+        "pair scored.",
     )
 
     # --- score fusion (docs/fusion.md) --------------------------------------------------------
