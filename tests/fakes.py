@@ -68,6 +68,19 @@ class TokenizerSpy:
         return self.inner(first, second, **kwargs)  # type: ignore[operator]
 
 
+class SlowMeasureScorer(RecordingScorer):
+    """A REAL scorer whose tokenizing (measure) waits on `measure_gate`, as a flood of long documents on
+    busy tokenizer threads would."""
+
+    def __init__(self, inner: Scorer, measure_gate: threading.Event) -> None:
+        super().__init__(inner)
+        self.measure_gate = measure_gate
+
+    def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
+        self.measure_gate.wait(timeout=60)
+        return super().measure(pairs)
+
+
 class FailingScorer(RecordingScorer):
     """A REAL scorer whose batches fail (raise) whenever they hold a pair of query `poison`."""
 

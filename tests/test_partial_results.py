@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,7 @@ from sidecar.client import RerankerClient
 from sidecar.scoring.base import Pair, Scorer
 from sidecar.types import Document, HitStatus
 from tests.conftest import make_scorer, test_settings
-from tests.fakes import BatchGate, RecordingScorer
+from tests.fakes import BatchGate, RecordingScorer, SlowMeasureScorer
 from tests.texts import documents
 
 # First-stage scores not in input order: first-stage order is 5, 2, 7, 0, 3, 6, 1, 4.
@@ -182,3 +183,28 @@ def test_server_default_and_every_http_shape(server_factory, fp32_scorer: Scorer
     assert len(rec.seen) - before == len(TEXTS) - 2
     assert all("fallback_reason" not in r for r in answer["results"])
     assert np.isfinite([r["relevance_score"] for r in answer["results"]]).all()
+
+
+def test_the_answer_comes_at_the_deadline_while_still_tokenizing(server_factory, fp32_scorer: Scorer) -> None:
+    """Tokenizing that outlasts the deadline still gets the partial answer in time: nothing scored,
+    every hit FALLBACK "deadline" in first-stage order, and no pair reaches the model."""
+    measure_gate = threading.Event()
+    rec = SlowMeasureScorer(fp32_scorer, measure_gate)
+    srv = server_factory(test_settings(**SETTINGS), scorer=rec)
+    body = {
+        "query": "q",
+        "documents": [{"text": t, "first_stage_score": f} for t, f in zip(TEXTS, FIRST_STAGE, strict=True)],
+    }
+    try:
+        status, headers, answer = _post(
+            srv.server.http_port, "/v1/opensearch/rerank", {**body, "partial_results": True}, 400
+        )
+    finally:
+        measure_gate.set()
+    assert status == 200, answer
+    assert headers["x-rerank-fallback"] == str(len(TEXTS))
+    assert [r["index"] for r in answer] == FIRST_STAGE_ORDER
+    assert {r["fallback_reason"] for r in answer} == {"deadline"}
+    values = [r["relevance_score"] for r in answer]
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+    assert rec.batches == []
