@@ -284,10 +284,21 @@ class Batcher:
             batch.append(item)
         if len(batch) == len(own):
             longest = max(i.tokens for i in batch)
-            others = sorted((i for i in window if i.job is not head), key=lambda i: -i.tokens)
+            others = sorted(
+                (i for i in window if i.job is not head and i.job.progress is None), key=lambda i: -i.tokens
+            )
             for item in others:
                 if item.tokens <= longest and self._fits(batch, item):
                     batch.append(item)
+            # Jobs kept in queue order (Progress) top up only with the head of what they have queued.
+            stopped: set[int] = set()
+            for item in window:
+                if item.job is head or item.job.progress is None or id(item.job) in stopped:
+                    continue
+                if item.tokens <= longest and self._fits(batch, item):
+                    batch.append(item)
+                else:
+                    stopped.add(id(item.job))
         taken = {id(i) for i in batch}
         # Put back what was not taken, in its original (FIFO) order.
         self._queue.extendleft(reversed([i for i in window if id(i) not in taken]))
