@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from sidecar.batcher import Batcher
+from sidecar.batcher import Batcher, Progress
 from sidecar.errors import DeadlineExceeded, InternalError, Overloaded
 from sidecar.metrics import Metrics
 from sidecar.scoring.base import Pair, Scorer
@@ -192,3 +192,35 @@ def test_a_dead_batcher_loop_fails_waiting_requests_at_once_and_refuses_new_ones
         await b.close()
 
     asyncio.run(main())
+
+
+def test_progress_jobs_are_scored_head_first_even_when_topping_up(bert_scorer: Scorer) -> None:
+    """A job with a Progress (partial results) is scored in queue order, whether it leads a batch or tops
+    up another's, and its scores land in the Progress as they come."""
+    rec = RecordingScorer(bert_scorer)
+    # Lengths out of order, so longest-first would not be queue order.
+    docs = [" ".join(d.split()[: 3 + (7 * i) % 23]) for i, d in enumerate(documents(24))]
+
+    async def main() -> list[tuple[np.ndarray, Progress]]:
+        b = _batcher(rec, max_batch_tokens=256, max_wait_s=0.05)
+        b.start()
+        loop = asyncio.get_running_loop()
+        out = []
+        for q in ("first", "second"):
+            pairs = [Pair(q, d) for d in docs]
+            progress = Progress.of(len(pairs))
+            tokens = [m.tokens for m in bert_scorer.measure(pairs)]
+            out.append((b.submit(pairs, tokens, loop.time() + 60, progress), progress))
+        results = await asyncio.gather(*(c for c, _ in out))
+        await b.close()
+        return [(scores, p) for (scores, _), (_, p) in zip(results, out, strict=True)]
+
+    done = asyncio.run(main())
+    for q, (scores, progress) in zip(("first", "second"), done, strict=True):
+        assert progress.done.all()
+        np.testing.assert_array_equal(progress.scores, scores)
+        seen: list[int] = []
+        for batch in rec.batches:
+            seen += sorted(docs.index(p.document) for p in batch if p.query == q)
+            assert sorted(seen) == list(range(len(seen))), f"{q}: scored {seen} is not a head of the queue"
+    assert any(len({p.query for p in batch}) > 1 for batch in rec.batches)  # the second topped up
