@@ -38,6 +38,7 @@ class RerankerClient:
         fusion: FusionSpec | None = None,
         fail_open: bool | None = None,
         bypass_cache: bool = False,
+        max_windows: int | None = None,
     ) -> RerankResult:
         """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure.
 
@@ -45,11 +46,14 @@ class RerankerClient:
         back ranked by `fused_score`; `score` stays the model's own. `fail_open` True asks for the documents
         in first-stage order, every hit FALLBACK with its `fallback_reason`, instead of an error when the
         sidecar cannot score; None uses the server's default. `bypass_cache` scores every pair with the
-        model, neither reading nor writing the server's score cache.
+        model, neither reading nor writing the server's score cache. `max_windows` caps the windows scored
+        per long document (servers with long_documents=windows; their own cap still applies).
         """
         request = pb.RerankRequest(query=query, top_n=top_n, instruction=instruction, fail_open=fail_open)
         if bypass_cache:
             request.bypass_cache = True
+        if max_windows is not None:
+            request.max_windows = max_windows
         if fusion is not None:
             request.fusion.CopyFrom(fusion_to_proto(fusion))
         for doc in documents:
@@ -66,6 +70,9 @@ class RerankerClient:
                 fallback_reason=r.fallback_reason,
                 truncated=r.truncated,
                 fused_score=r.fused_score if r.HasField("fused_score") else None,
+                passage_start=r.passage_start if r.HasField("passage_start") else None,
+                passage_end=r.passage_end if r.HasField("passage_end") else None,
+                windows=r.windows,
             )
             for r in response.results
         ]
