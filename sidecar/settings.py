@@ -140,7 +140,8 @@ class Settings(BaseSettings):
         64 << 20,
         ge=0,
         description="Memory for reranker scores, most recently used kept, keyed by the model, instruction, "
-        "query, document text and max length (an entry costs at most 300 bytes however long the texts; "
+        "query, document text, max length and window settings (an entry costs at most 300 bytes however "
+        "long the texts, 400 for a document split into windows; "
         "64 MiB holds about 220,000 pairs). A repeated (query, document) pair then costs no forward pass "
         "and gets the identical score; the bytes count against the container's memory limit, and a "
         "workload that never repeats a pair pays the hashing (microseconds per pair) for nothing. "

@@ -9,12 +9,15 @@ document's score is the aggregate of those (tolerance 1e-4).
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sidecar.client import RerankerClient
+from sidecar.metrics import Metrics
+from sidecar.score_cache import ENTRY_BYTES, WINDOWED_EXTRA_BYTES, ScoreCache, WindowedScore
 from sidecar.scoring.base import Scorer
 from sidecar.types import Document
 from tests.conftest import make_scorer, test_settings
@@ -50,13 +53,16 @@ def reference(bert_ce_dir: Path):  # type: ignore[no-untyped-def]
     return CrossEncoder(str(bert_ce_dir), device="cpu", model_kwargs={"dtype": "float32"})
 
 
-def reference_windows(ce, document: str, overlap: int = OVERLAP, cap: int = 100) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+def reference_windows(  # type: ignore[no-untyped-def]
+    ce, document: str, overlap: int = OVERLAP, cap: int = 100, budget: int | None = None
+) -> list[tuple[int, int]]:
     """Character spans of the windows, from the tokenizer directly: `budget` tokens beside the query
     (its tokens plus the pair's special tokens), a cut never splits a word when a word boundary lies in
     the window's second half, the next window starts `overlap` tokens before the cut (at a word start)."""
     tok = ce.tokenizer
-    budget = ce.max_length - len(tok(QUERY, add_special_tokens=False)["input_ids"])
-    budget -= tok.num_special_tokens_to_add(pair=True)
+    if budget is None:
+        budget = ce.max_length - len(tok(QUERY, add_special_tokens=False)["input_ids"])
+        budget -= tok.num_special_tokens_to_add(pair=True)
     offsets = tok(document, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     n = len(offsets)
     word_starts = {0} | {i for i in range(1, n) if offsets[i][0] != offsets[i - 1][1]} | {n}
@@ -179,3 +185,52 @@ def test_offsets_count_from_the_text_when_a_title_is_set(server_factory, scorer:
         (hit,) = client.rerank(QUERY, [Document(text=LONG, title="Vaccines")]).hits
     # The first window begins in the title, so it begins at 0 of `text`.
     assert hit.passage_start == 0 and 0 < hit.passage_end < len(LONG)
+
+
+def test_a_bi_encoder_windows_the_document_alone(server_factory, packaged_model_dir: Path) -> None:
+    """The bi-encoder embeds the document without the query: a window is max_length minus the special
+    tokens. Reference: SentenceTransformer.encode cosine per window, the max."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(packaged_model_dir), device="cpu", model_kwargs={"dtype": "float32"})
+    st.max_seq_length = 32
+    scorer = make_scorer(packaged_model_dir, dtype="float32", max_length=32, embedding_cache_bytes=0)
+    srv, _ = windowed(server_factory, scorer, max_windows_per_document=32)
+    with RerankerClient(srv.target) as client:
+        (hit,) = client.rerank(QUERY, [LONG]).hits
+    spans = reference_windows(st, LONG, budget=32 - st.tokenizer.num_special_tokens_to_add(pair=False))
+    emb = st.encode([QUERY, *(LONG[a:b] for a, b in spans)], normalize_embeddings=True)
+    cosines = emb[1:] @ emb[0]
+    assert len(spans) >= 5 and hit.windows == len(spans)
+    assert abs(hit.score - float(cosines.max())) <= TOL
+    assert (hit.passage_start, hit.passage_end) == spans[int(cosines.argmax())]
+
+
+def test_windowed_cache_entries_are_counted_at_what_they_really_cost(scorer: Scorer) -> None:
+    """The byte bound holds with windowed entries (measured here, as tests/test_score_cache.py measures
+    plain ones), and a windowed entry evicts more than a plain one's worth."""
+    n = 5_500
+    cache = ScoreCache(n * (ENTRY_BYTES + WINDOWED_EXTRA_BYTES), Metrics())
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    keys = ScoreCache.keys(
+        scorer.info, None, QUERY, [f"document {i}" for i in range(n)], 64, "windows/8/4/max"
+    )
+    cache.put_many(
+        [
+            (k, WindowedScore(float(np.float32(i) / 7), bool(i % 2), 1000 + i, 5000 + i, 3))
+            for i, k in enumerate(keys)
+        ]
+    )
+    del keys  # what remains is what the cache holds
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    per_entry = (after - before) / len(cache)
+    print(
+        f"windowed score cache entry: {per_entry:.0f} bytes measured, "
+        f"{ENTRY_BYTES + WINDOWED_EXTRA_BYTES} assumed"
+    )
+    assert len(cache) == n and per_entry <= ENTRY_BYTES + WINDOWED_EXTRA_BYTES
+    assert cache.bytes_held == n * (ENTRY_BYTES + WINDOWED_EXTRA_BYTES)
+    cache.put_many([(b"x" * 32, WindowedScore(0.5, False, 0, 10, 2))])
+    assert len(cache) == n  # one more windowed entry evicts one
