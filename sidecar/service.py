@@ -297,9 +297,6 @@ class RerankService:
         self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         # From here on only what the model can read is held per pair (Measure.clipped).
         pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
-        truncated = sum(m.truncated for m in measures)
-        if truncated:
-            self.metrics.truncated.inc(truncated)
 
         remaining = deadline - loop.time()
         fresh, stats = np.zeros(0, dtype=np.float32), BatchStats()
@@ -323,6 +320,10 @@ class RerankService:
             ]
         else:
             entries = self._fold_windows(q, todo, windows, owners, fresh, measures)
+        # Documents whose text the model did not read to the end (a split document: past its last window).
+        truncated = sum(e.truncated for e in entries)
+        if truncated:
+            self.metrics.truncated.inc(truncated)
         scores, scored = self._cache_merge(cache_keys, known, todo, entries)
         pairs = all_pairs
 
@@ -516,6 +517,7 @@ class RerankService:
             title = q.documents[todo[k]].title
             skip = len(title) + 1 if title else 0
             entries.append(WindowedScore(score, w.cut, max(0, a - skip), max(0, b - skip), len(js)))
+            self.metrics.windows.inc(len(js))
         return entries
 
     async def _measure(self, pairs: list[Pair], scorer: Scorer) -> list[Measure]:

@@ -138,6 +138,9 @@ def test_the_request_and_server_caps_bound_the_windows_scored(
     assert abs(asked_two.score - per_window[:2].max()) <= TOL
     assert asked_ten.windows == 3 and len(recorder.seen) == 2 + 3  # the server's cap wins
     assert abs(asked_ten.score - per_window[:3].max()) <= TOL
+    registry = srv.server.metrics.registry
+    assert registry.get_sample_value("reranker_document_windows_total") == 2 + 3
+    assert registry.get_sample_value("reranker_documents_truncated_total") == 2  # both left text unread
 
 
 def test_the_batchers_token_budget_counts_windows(server_factory, scorer: Scorer, reference) -> None:
