@@ -39,6 +39,7 @@ class RerankerClient:
         fail_open: bool | None = None,
         bypass_cache: bool = False,
         partial_results: bool | None = None,
+        max_windows: int | None = None,
     ) -> RerankResult:
         """Rerank `documents` for `query`; raises grpc.RpcError with the server's status on failure.
 
@@ -49,6 +50,8 @@ class RerankerClient:
         model, neither reading nor writing the server's score cache. `partial_results` True asks, when the
         deadline comes first, for the pairs scored so far (RERANKED) and the rest below them in first-stage
         order (FALLBACK "deadline") instead of DEADLINE_EXCEEDED; None uses the server's default.
+        model, neither reading nor writing the server's score cache. `max_windows` caps the windows scored
+        per long document (servers with long_documents=windows; their own cap still applies).
         """
         request = pb.RerankRequest(
             query=query,
@@ -59,6 +62,8 @@ class RerankerClient:
         )
         if bypass_cache:
             request.bypass_cache = True
+        if max_windows is not None:
+            request.max_windows = max_windows
         if fusion is not None:
             request.fusion.CopyFrom(fusion_to_proto(fusion))
         for doc in documents:
@@ -75,6 +80,9 @@ class RerankerClient:
                 fallback_reason=r.fallback_reason,
                 truncated=r.truncated,
                 fused_score=r.fused_score if r.HasField("fused_score") else None,
+                passage_start=r.passage_start if r.HasField("passage_start") else None,
+                passage_end=r.passage_end if r.HasField("passage_end") else None,
+                windows=r.windows,
             )
             for r in response.results
         ]

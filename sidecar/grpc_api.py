@@ -54,6 +54,7 @@ def query_from_proto(request: pb.RerankRequest, time_remaining: float | None) ->
         fail_open=request.fail_open if request.HasField("fail_open") else None,
         bypass_cache=request.bypass_cache,
         partial_results=request.partial_results if request.HasField("partial_results") else None,
+        max_windows=request.max_windows if request.HasField("max_windows") and request.max_windows else None,
     )
 
 
@@ -71,6 +72,9 @@ def result_to_proto(result: RerankResult) -> pb.RerankResponse:
             fallback_reason=h.fallback_reason,
             truncated=h.truncated,
             fused_score=h.ranking_score,
+            passage_start=h.passage_start,
+            passage_end=h.passage_end,
+            windows=h.windows,
         )
     response.fusion.CopyFrom(fusion_to_proto(result.fusion))
     t = result.timings

@@ -14,17 +14,21 @@ sidecar.opensearch.mlcommons for the ml-commons facts behind them):
 Request: {"query": str, "documents": [str | {"text", "title"?, "id"?, "first_stage_score"?} | [str, ...]],
 "top_n"?: int, "instruction"?: str, "return_documents"?: bool, "fusion"?: "none" | "blend" | "rrf" |
 {"method", "alpha"?, "normalization"?, "rrf_k"?}, "fail_open"?: bool, "bypass_cache"?: bool (score with the
-model, neither reading nor writing the score cache), "partial_results"?: bool}. Unknown top-level fields are
-ignored (Cohere clients send `model`). Every shape's score is the ranking score (fused when fusion applies,
-docs/fusion.md); the Cohere shape also carries the raw `rerank_score`, the `first_stage_score` and the
-applied `fusion`, and every answer names the fusion in the `x-rerank-fusion` header and the pairs answered
-from the score cache in `x-rerank-cached`. The `x-rerank-timeout-ms` header sets the deadline. A fail-open
-answer (`"fail_open": true`, README "Fail-open") is a 200 in the same shape, first-stage order, every hit
-with `fallback_reason`, scores n..1 (descending, so OpenSearch keeps that order), headers
-`x-rerank-fallback` (how many hits fell back) and `x-rerank-fallback-reason`. A partial answer
-(`"partial_results": true`, README "Partial results") is a 200 in the same shape: the scored hits first,
-then the unscored ones with `fallback_reason` "deadline" in first-stage order, their scores below every
-scored hit's (so OpenSearch keeps that order), with the same two headers.
+model, neither reading nor writing the score cache), "partial_results"?: bool, "max_windows"?: int (long
+documents: most windows per document, capped by the server's max_windows_per_document)}. Unknown top-level
+fields are ignored (Cohere clients send `model`). Every shape's score is the ranking score (fused when
+fusion applies, docs/fusion.md); the Cohere shape also carries the raw `rerank_score`, the
+`first_stage_score`, the applied `fusion` and, for a document split into windows (setting
+long_documents=windows), `windows` and the winning window's `passage_start` / `passage_end` (character
+offsets into the document's text), and every answer names the fusion in the `x-rerank-fusion` header and
+the pairs answered from the score cache in `x-rerank-cached`. The `x-rerank-timeout-ms` header sets the
+deadline. A fail-open answer (`"fail_open": true`, README "Fail-open") is a 200 in the same shape,
+first-stage order, every hit with `fallback_reason`, scores n..1 (descending, so OpenSearch keeps that
+order), headers `x-rerank-fallback` (how many hits fell back) and `x-rerank-fallback-reason`. A partial
+answer (`"partial_results": true`, README "Partial results") is a 200 in the same shape: the scored hits
+first, then the unscored ones with `fallback_reason` "deadline" in first-stage order, their scores below
+every scored hit's (so OpenSearch keeps that order), with the same two headers; a request whose documents
+were split into windows is answered whole.
 GET /health (/healthz), /metrics, /v1/info.
 """
 
@@ -183,6 +187,11 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
     bypass_cache = obj.get("bypass_cache", False)
     if not isinstance(bypass_cache, bool):
         raise InvalidSchema(f"`bypass_cache` must be a boolean, got {json_type_name(bypass_cache)}")
+    max_windows = obj.get("max_windows")
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
+        raise InvalidSchema(f"`max_windows` must be a positive integer, got {max_windows!r}")
     q = RerankQuery(
         query=query,
         documents=documents,
@@ -193,6 +202,7 @@ def parse_request(obj: Any, deadline: float | None, all_documents: bool = False)
         fail_open=fail_open,
         bypass_cache=bypass_cache,
         partial_results=partial_results,
+        max_windows=max_windows,
     )
     return q, return_documents
 
@@ -227,6 +237,10 @@ def cohere_body(result: RerankResult, q: RerankQuery, return_documents: bool) ->
         if hit.first_stage_score is not None:
             entry["first_stage_score"] = hit.first_stage_score
         entry["fused_score"] = entry["relevance_score"]
+        if hit.passage_start is not None:
+            entry["windows"] = hit.windows
+            entry["passage_start"] = hit.passage_start
+            entry["passage_end"] = hit.passage_end
         if return_documents:
             entry["document"] = {"text": q.documents[hit.index].text}
         results.append(entry)

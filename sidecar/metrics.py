@@ -64,6 +64,12 @@ class Metrics:
         self.truncated = Counter(
             "reranker_documents_truncated", "Pairs truncated to the model's max length.", registry=r
         )
+        self.windows = Counter(
+            "reranker_document_windows",
+            "Windows scored for documents split because they exceed the model's max length "
+            "(long_documents=windows).",
+            registry=r,
+        )
         self.fusion_requests = Counter(
             "reranker_fusion_requests",
             "Answered rerank requests by the score fusion applied (none, blend, rrf).",

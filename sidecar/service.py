@@ -37,7 +37,7 @@ from sidecar.fusion import (
     fuse,
 )
 from sidecar.metrics import Metrics
-from sidecar.score_cache import CachedScore, ScoreCache
+from sidecar.score_cache import CachedScore, Entry, ScoreCache, WindowedScore
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.settings import Settings
 from sidecar.types import (
@@ -49,6 +49,7 @@ from sidecar.types import (
     ServiceInfo,
     Timings,
 )
+from sidecar.windows import WindowPolicy, Windows, aggregate, split
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -304,12 +305,16 @@ class RerankService:
                 measures = await asyncio.wait_for(measuring, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 return self._partial_answer(q, fusion, known, started, len(all_pairs) - len(todo))
+        # Long documents: a truncated pair becomes its windows, each its own pair in the batcher.
+        windows = await self._windows(q, pairs, measures, self.scorer)
+        if windows is not None:
+            pairs, measures, owners = await self._window_pairs(pairs, measures, windows, self.scorer)
+            # A partial answer is per document, and a split document is scored only with all its windows:
+            # a request whose documents were split is answered whole or fails at its deadline.
+            progress = None
         self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         # From here on only what the model can read is held per pair (Measure.clipped).
         pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
-        truncated = sum(m.truncated for m in measures)
-        if truncated:
-            self.metrics.truncated.inc(truncated)
 
         remaining = deadline - loop.time()
         fresh, stats = np.zeros(0, dtype=np.float32), BatchStats()
@@ -336,7 +341,17 @@ class RerankService:
             # Partial results: keep what the model scored, the rest falls back below it.
             known = self._cache_merge_partial(cache_keys, known, todo, progress, measures)
             return self._partial_answer(q, fusion, known, started, len(all_pairs) - len(todo))
-        scores, scored = self._cache_merge(cache_keys, known, todo, fresh, measures)
+        if windows is None:
+            entries: list[Entry] = [
+                CachedScore(float(f), m.truncated) for f, m in zip(fresh, measures, strict=True)
+            ]
+        else:
+            entries = self._fold_windows(q, todo, windows, owners, fresh, measures)
+        # Documents whose text the model did not read to the end (a split document: past its last window).
+        truncated = sum(e.truncated for e in entries)
+        if truncated:
+            self.metrics.truncated.inc(truncated)
+        scores, scored = self._cache_merge(cache_keys, known, todo, entries)
         pairs = all_pairs
 
         fused = fuse(fusion, scores, [d.first_stage_score for d in q.documents])
@@ -353,6 +368,7 @@ class RerankService:
                 status=HitStatus.RERANKED,
                 truncated=scored[i].truncated,
                 fused_score=fused[i],
+                **passage_fields(scored[i]),
             )
             for i in order[:top_n]
         ]
@@ -421,7 +437,7 @@ class RerankService:
         self,
         q: RerankQuery,
         fusion: FusionSpec,
-        known: list[CachedScore | None],
+        known: list[Entry | None],
         started: float,
         cached_pairs: int,
     ) -> RerankResult:
@@ -479,14 +495,14 @@ class RerankService:
     def _cache_merge_partial(
         self,
         keys: list[bytes],
-        known: list[CachedScore | None],
+        known: list[Entry | None],
         todo: list[int],
         progress: Progress,
         measures: list[Measure],
-    ) -> list[CachedScore | None]:
+    ) -> list[Entry | None]:
         """`known` with the pairs the model scored before the deadline added (and cached when keyed);
         None stays where no score came."""
-        merged = list(known)
+        merged: list[Entry | None] = list(known)
         done = [(j, i) for j, i in enumerate(todo) if progress.done[j]]
         for j, i in done:
             merged[i] = CachedScore(float(progress.scores[j]), measures[j].truncated)
@@ -495,34 +511,119 @@ class RerankService:
         return merged
 
     # ---- score cache (sidecar/score_cache.py) --------------------------------------------------
-    def _cache_lookup(
-        self, q: RerankQuery, pairs: list[Pair]
-    ) -> tuple[list[bytes], list[CachedScore | None]]:
+    def _cache_lookup(self, q: RerankQuery, pairs: list[Pair]) -> tuple[list[bytes], list[Entry | None]]:
         """Keys and cached scores of `pairs`; no keys and nothing known when off or bypassed."""
         if self.score_cache is None or q.bypass_cache:
             return [], [None] * len(pairs)
         assert self.scorer is not None
         info = self.scorer.info
-        keys = ScoreCache.keys(info, q.instruction, q.query, [p.document for p in pairs], info.max_length)
+        policy = self._window_policy(q)
+        keys = ScoreCache.keys(
+            info,
+            q.instruction,
+            q.query,
+            [p.document for p in pairs],
+            info.max_length,
+            policy.cache_tag() if policy else "truncate",
+        )
         return keys, self.score_cache.get_many(keys)
 
     def _cache_merge(
         self,
         keys: list[bytes],
-        known: list[CachedScore | None],
+        known: list[Entry | None],
         todo: list[int],
-        fresh: np.ndarray,
-        measures: list[Measure],
-    ) -> tuple[list[float], list[CachedScore]]:
+        fresh: list[Entry],
+    ) -> tuple[list[float], list[Entry]]:
         """Every pair's score and truncation, cached and fresh together; fresh ones stored when keyed."""
         merged = list(known)
         for j, i in enumerate(todo):
-            merged[i] = CachedScore(float(fresh[j]), measures[j].truncated)
+            merged[i] = fresh[j]
         if keys and self.score_cache is not None and todo:
             self.score_cache.put_many([(keys[i], merged[i]) for i in todo])  # type: ignore[misc]
         done = [c for c in merged if c is not None]
         assert len(done) == len(merged)
         return [c.score for c in done], done
+
+    # ---- long documents (sidecar/windows.py) ----------------------------------------------------
+    def _window_policy(self, q: RerankQuery) -> WindowPolicy | None:
+        """The request's windowing, or None when long documents are truncated."""
+        s = self.settings
+        if s.long_documents != "windows":
+            return None
+        cap = s.max_windows_per_document
+        return WindowPolicy(s.window_overlap_tokens, min(q.max_windows or cap, cap), s.window_aggregate)
+
+    async def _windows(
+        self, q: RerankQuery, pairs: list[Pair], measures: list[Measure], scorer: Scorer
+    ) -> list[Windows | None] | None:
+        """Per pair its windows (None: scored as measured); None for all when windowing is off."""
+        policy = self._window_policy(q)
+        if policy is None:
+            return None
+        long = [i for i, m in enumerate(measures) if m.truncated]
+        found: list[Windows | None] = [None] * len(pairs)
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(long), MEASURE_SLICE_PAIRS):
+            chunk = long[start : start + MEASURE_SLICE_PAIRS]
+            split_ = await loop.run_in_executor(self._prep, split, scorer, [pairs[i] for i in chunk], policy)
+            for i, w in zip(chunk, split_, strict=True):
+                found[i] = w
+        return found
+
+    async def _window_pairs(
+        self, pairs: list[Pair], measures: list[Measure], windows: list[Windows | None], scorer: Scorer
+    ) -> tuple[list[Pair], list[Measure], list[int]]:
+        """The pairs to score: each windowed pair replaced by one pair per window; and per scored pair the
+        index of the pair it came from."""
+        out: list[Pair] = []
+        out_measures: list[Measure | None] = []
+        owners: list[int] = []
+        for i, (p, m, w) in enumerate(zip(pairs, measures, windows, strict=True)):
+            if w is None:
+                out.append(p)
+                out_measures.append(m)
+                owners.append(i)
+                continue
+            for a, b in w.spans:
+                out.append(p._replace(document=p.document[a:b]))
+                out_measures.append(None)
+                owners.append(i)
+        new = [j for j, m in enumerate(out_measures) if m is None]
+        measured = await self._measure([out[j] for j in new], scorer)
+        for j, m in zip(new, measured, strict=True):
+            out_measures[j] = m
+        return out, [m for m in out_measures if m is not None], owners
+
+    def _fold_windows(
+        self,
+        q: RerankQuery,
+        todo: list[int],
+        windows: list[Windows | None],
+        owners: list[int],
+        fresh: np.ndarray,
+        measures: list[Measure],
+    ) -> list[Entry]:
+        """One entry per pair from its windows' scores (settings.window_aggregate)."""
+        policy = self._window_policy(q)
+        assert policy is not None
+        rows: list[list[int]] = [[] for _ in windows]
+        for j, owner in enumerate(owners):
+            rows[owner].append(j)
+        entries: list[Entry] = []
+        for k, (w, js) in enumerate(zip(windows, rows, strict=True)):
+            if w is None:
+                (j,) = js
+                entries.append(CachedScore(float(fresh[j]), measures[j].truncated))
+                continue
+            score, best = aggregate([float(fresh[j]) for j in js], policy.aggregate)
+            a, b = w.spans[best]
+            # Offsets into `text`: the model read 'title text'.
+            title = q.documents[todo[k]].title
+            skip = len(title) + 1 if title else 0
+            entries.append(WindowedScore(score, w.cut, max(0, a - skip), max(0, b - skip), len(js)))
+            self.metrics.windows.inc(len(js))
+        return entries
 
     async def _measure(self, pairs: list[Pair], scorer: Scorer) -> list[Measure]:
         """Tokenize in slices of MEASURE_SLICE_PAIRS: each slice is its own job on the tokenize threads,
@@ -582,6 +683,17 @@ class RerankService:
         for i, d in enumerate(q.documents):
             if d.first_stage_score is not None and not math.isfinite(d.first_stage_score):
                 raise InvalidInput(f"documents[{i}].first_stage_score is not a finite number")
+
+
+def passage_fields(entry: Entry) -> dict[str, Any]:
+    """A hit's long-document fields: the winning window when the document was split."""
+    if isinstance(entry, WindowedScore):
+        return {
+            "passage_start": entry.passage_start,
+            "passage_end": entry.passage_end,
+            "windows": entry.windows,
+        }
+    return {}
 
 
 # Why a fail-open answer fell back, by the error it replaces; errors absent here are never failed open.

@@ -97,6 +97,37 @@ class Settings(BaseSettings):
         description="Tokens per (query, document) pair; longer pairs are truncated and reported as "
         "truncated. Unset uses the model's own limit. Lower is faster and loses document tail.",
     )
+    long_documents: Literal["truncate", "windows"] = Field(
+        "truncate",
+        description="What to do with a (query, document) pair longer than max_length. 'truncate' scores "
+        "the head of the document (one forward pass, the tail is never read). 'windows' splits the "
+        "document into overlapping token windows that each fit with the query, scores every window and "
+        "aggregates (window_aggregate), reporting the winning window's offsets: relevant text past the "
+        "head is found, at the cost of one forward pass per window (up to max_windows_per_document).",
+    )
+    window_overlap_tokens: int = Field(
+        32,
+        ge=0,
+        description="long_documents=windows: document tokens shared by consecutive windows. More overlap "
+        "keeps a passage that straddles a cut whole in some window, but needs more windows to cover a "
+        "document (cost); it is capped at half a window.",
+    )
+    max_windows_per_document: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="long_documents=windows: most windows scored per document (a request may ask for "
+        "fewer with max_windows). Text past the last window is never read, so this also bounds memory "
+        "and tokenizer work per document; each window is its own pair in the batcher's token budget, so "
+        "a high cap lets one long document take a whole batch.",
+    )
+    window_aggregate: Literal["max", "first", "mean_top2"] = Field(
+        "max",
+        description="long_documents=windows: a document's score from its windows' scores. 'max' (the "
+        "best passage) suits documents where one passage answers; 'first' scores the head like "
+        "truncation but still reports windows; 'mean_top2' (mean of the two best) rewards documents "
+        "relevant in more than one place and is less swayed by one lucky window.",
+    )
     embedding_cache_bytes: int = Field(
         128 << 20,
         ge=0,
@@ -109,7 +140,8 @@ class Settings(BaseSettings):
         64 << 20,
         ge=0,
         description="Memory for reranker scores, most recently used kept, keyed by the model, instruction, "
-        "query, document text and max length (an entry costs at most 300 bytes however long the texts; "
+        "query, document text, max length and window settings (an entry costs at most 300 bytes however "
+        "long the texts, 400 for a document split into windows; "
         "64 MiB holds about 220,000 pairs). A repeated (query, document) pair then costs no forward pass "
         "and gets the identical score; the bytes count against the container's memory limit, and a "
         "workload that never repeats a pair pays the hashing (microseconds per pair) for nothing. "

@@ -41,6 +41,9 @@ class RerankQuery:
     # At the deadline answer with the pairs scored so far, the rest FALLBACK "deadline" in first-stage
     # order below them, instead of an error; None uses the server's default (settings.partial_results).
     partial_results: bool | None = None
+    # Long documents (settings.long_documents=windows): most windows per document, capped by the server's
+    # max_windows_per_document; None uses that.
+    max_windows: int | None = None
 
 
 class HitStatus(Enum):
@@ -60,6 +63,11 @@ class RankedHit:
     # The score hits are ranked by: `score` fused with the first stage (equal to `score` without fusion).
     # None only where a server predating fusion sent none.
     fused_score: float | None = None
+    # Long documents split into windows: the winning window's character offsets into `Document.text`
+    # (None when the document was scored whole or truncated) and the number of windows scored.
+    passage_start: int | None = None
+    passage_end: int | None = None
+    windows: int = 1
 
     @property
     def ranking_score(self) -> float:

@@ -40,6 +40,15 @@ class RecordingScorer(Scorer):
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
         return self.inner.measure(pairs)
 
+    def window_budget(self, pair: Pair) -> int | None:
+        return self.inner.window_budget(pair)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        return self.inner.token_offsets(text)
+
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         self.batches.append(list(pairs))
         self.entered.set()

@@ -106,6 +106,16 @@ class SentenceTransformersScorer:
             enc = self._measure_tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
         return len(enc["input_ids"])
 
+    def count_tokens(self, text: str) -> int:
+        return self._count(text)
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        with self._measure_lock:
+            enc = self._measure_tokenizer(
+                text, add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False
+            )
+        return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
     def _clip(
         self, pairs: Sequence[Pair], tokens: int, longer_than_query: bool = False
     ) -> tuple[list[Pair], list[Pair | None]]:

@@ -68,6 +68,18 @@ class Scorer(ABC):
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         """One float32 score per pair, in order. Called from one worker thread at a time."""
 
+    # ---- long documents (sidecar/windows.py); backends that cannot window return None ----------
+    def window_budget(self, pair: Pair) -> int | None:
+        """Document tokens that fit beside `pair`'s query (and template) within the model's limit."""
+        return None
+
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each token of `text` (no special tokens)."""
+        raise NotImplementedError
+
     @property
     def accepts_instruction(self) -> bool:
         return self.info.accepts_instruction

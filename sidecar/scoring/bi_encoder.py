@@ -105,6 +105,10 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
             for i, n in enumerate(lengths)
         ]
 
+    def window_budget(self, pair: Pair) -> int | None:
+        # The document is embedded alone: its window needs room only for the special tokens.
+        return self.max_length - self._token_lengths([""])[0]
+
     def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
         import torch
 

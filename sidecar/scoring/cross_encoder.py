@@ -78,6 +78,15 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
             for n, c in zip(lengths, clipped, strict=True)
         ]
 
+    def window_budget(self, pair: Pair) -> int | None:
+        # The pair with an empty document: the query, its instruction, special tokens or the template.
+        if self._chat:
+            fixed = self._chat_length(pair.query, "", pair.instruction)
+        else:
+            ((query, _),) = self._texts([pair])
+            fixed = self._token_lengths([query], [""])[0]
+        return self.max_length - fixed
+
     def score(self, pairs: Sequence[Pair]) -> np.ndarray:
         if not self._chat:
             return self._forward(self._texts(pairs), None)

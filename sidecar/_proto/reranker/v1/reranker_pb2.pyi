@@ -51,7 +51,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., first_stage_score: _Optional[float] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "partial_results", "fail_open", "bypass_cache")
+    __slots__ = ("query", "documents", "top_n", "instruction", "fusion", "partial_results", "fail_open", "bypass_cache", "max_windows")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class RerankRequest(_message.Message):
     PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     FAIL_OPEN_FIELD_NUMBER: _ClassVar[int]
     BYPASS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
     top_n: int
@@ -68,7 +69,8 @@ class RerankRequest(_message.Message):
     partial_results: bool
     fail_open: bool
     bypass_cache: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., partial_results: _Optional[bool] = ..., fail_open: _Optional[bool] = ..., bypass_cache: _Optional[bool] = ...) -> None: ...
+    max_windows: int
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., partial_results: _Optional[bool] = ..., fail_open: _Optional[bool] = ..., bypass_cache: _Optional[bool] = ..., max_windows: _Optional[int] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "alpha", "normalization", "rrf_k")
@@ -83,7 +85,7 @@ class Fusion(_message.Message):
     def __init__(self, method: _Optional[_Union[FusionMethod, str]] = ..., alpha: _Optional[float] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., rrf_k: _Optional[int] = ...) -> None: ...
 
 class RankedDocument(_message.Message):
-    __slots__ = ("index", "id", "score", "first_stage_score", "status", "fallback_reason", "truncated", "fused_score")
+    __slots__ = ("index", "id", "score", "first_stage_score", "status", "fallback_reason", "truncated", "fused_score", "passage_start", "passage_end", "windows")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,9 @@ class RankedDocument(_message.Message):
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     FUSED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_START_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_END_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     index: int
     id: str
     score: float
@@ -100,7 +105,10 @@ class RankedDocument(_message.Message):
     fallback_reason: str
     truncated: bool
     fused_score: float
-    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., first_stage_score: _Optional[float] = ..., status: _Optional[_Union[HitStatus, str]] = ..., fallback_reason: _Optional[str] = ..., truncated: _Optional[bool] = ..., fused_score: _Optional[float] = ...) -> None: ...
+    passage_start: int
+    passage_end: int
+    windows: int
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., score: _Optional[float] = ..., first_stage_score: _Optional[float] = ..., status: _Optional[_Union[HitStatus, str]] = ..., fallback_reason: _Optional[str] = ..., truncated: _Optional[bool] = ..., fused_score: _Optional[float] = ..., passage_start: _Optional[int] = ..., passage_end: _Optional[int] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "inference_seconds", "total_seconds", "batches")
