@@ -208,3 +208,29 @@ def test_the_answer_comes_at_the_deadline_while_still_tokenizing(server_factory,
     values = [r["relevance_score"] for r in answer]
     assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
     assert rec.batches == []
+
+
+def test_a_request_with_split_documents_is_answered_whole(server_factory, fp32_scorer: Scorer) -> None:
+    """Long-document windows and partial results together (README "Partial results"): a document is
+    scored only with all its windows, so a request whose documents were split is answered whole when it
+    can be, and at its deadline fails as without the option instead of returning half-scored documents."""
+    long_doc = " ".join(documents(4))  # far past the tiny model's 64 tokens: several windows
+    docs = [
+        Document(text=long_doc, id="long", first_stage_score=2.0),
+        Document(text="short", id="s", first_stage_score=1.0),
+    ]
+    settings = test_settings(long_documents="windows", partial_results=True, warmup=False, max_wait_ms=0)
+    srv = server_factory(settings, scorer=fp32_scorer)
+    with RerankerClient(srv.target) as client:
+        whole = client.rerank("q", docs)
+    assert all(h.status == HitStatus.RERANKED for h in whole.hits)
+    assert max(h.windows for h in whole.hits) > 1
+
+    gate = threading.Event()  # holds the model: nothing is scored before the deadline
+    held = server_factory(settings, scorer=RecordingScorer(fp32_scorer, gate))
+    try:
+        with RerankerClient(held.target) as client, pytest.raises(grpc.RpcError) as info:
+            client.rerank("q", docs, timeout=1.0)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        gate.set()
