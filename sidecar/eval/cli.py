@@ -202,12 +202,6 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
-def _progress(console: Any) -> Any:
-    from sidecar.progress import progress_display
-
-    return progress_display(console)
-
-
 def _load_dataset(args: argparse.Namespace, progress: Any) -> Any:
     from sidecar.eval import cache, datasets
 
@@ -447,6 +441,8 @@ def _command_line() -> list[str]:
 
 
 def replay_command(args: argparse.Namespace) -> int:
+    from sidecar.progress import progress_display
+
     problem = _validate(args)
     if problem:
         print(f"replay: {problem}", file=sys.stderr)
@@ -469,7 +465,7 @@ def replay_command(args: argparse.Namespace) -> int:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
     with ExitStack() as stack:
-        progress = stack.enter_context(_progress(err))
+        progress = stack.enter_context(progress_display(err))
         try:
             dataset = _load_dataset(args, progress)
         except DatasetError as exc:
@@ -532,9 +528,10 @@ def repro_command(args: argparse.Namespace) -> int:
 
 def dataset_command(args: argparse.Namespace) -> int:
     from sidecar.eval.datasets import DatasetError
+    from sidecar.progress import progress_display
 
     err = _console(stderr=True)
-    with _progress(err) as progress:
+    with progress_display(err) as progress:
         try:
             dataset = _load_dataset(args, progress)
         except DatasetError as exc:
