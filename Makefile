@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch pinned first: an unpinned torch could pull another CUDA build. PyPI's 2.13.0 for Linux x86-64 is
 	# the CUDA build (~4.6 GB with its NVIDIA wheels); a local CPU wheel in PIP_FIND_LINKS is taken instead.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[torch,eval,train,dev]"
+	$(PY) -m pip install -q -e ".[torch,cpu,eval,train,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
