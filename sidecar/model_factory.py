@@ -78,10 +78,18 @@ def build_minilm_l6_cross_encoder(out: Path, seed: int = 0) -> Path:
 
 
 def build_modernbert_modular_cross_encoder(
-    out: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0
+    out: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    local_attention: int = 128,
+    seed: int = 0,
 ) -> Path:
     """An Ettin-style sentence-transformers CrossEncoder: ModernBERT encoder, CLS pooling,
-    Dense -> LayerNorm -> Dense head (a modular head, not a HF classifier)."""
+    Dense -> LayerNorm -> Dense head (a modular head, not a HF classifier). `local_attention` is the
+    total width of the sliding window of ModernBERT's local layers (two of every three)."""
     import tempfile
 
     import torch
@@ -95,9 +103,10 @@ def build_modernbert_modular_cross_encoder(
     cfg = ModernBertConfig(
         vocab_size=tok.vocab_size,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
+        local_attention=local_attention,
         max_position_embeddings=512,
         pad_token_id=tok.pad_token_id,
         cls_token_id=tok.cls_token_id,

@@ -1,0 +1,240 @@
+"""Padding-free batches (sidecar/scoring/packing.py): packing arithmetic and the way back, checked against
+plain list arithmetic; the packed forward pass against the padded one and against sentence-transformers
+`CrossEncoder.predict` (float32, within 1e-4), with the CPU reference for the varlen kernel."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sidecar.scoring import packing
+from tests.texts import documents, queries
+
+PAD = 0
+
+
+def _padded(seqs: list[list[int]], left: bool = False) -> dict[str, torch.Tensor]:
+    """The padded batch a tokenizer would give, built by hand: ids, mask, token types 0 then 1."""
+    width = max(len(s) for s in seqs)
+    ids, mask, types = [], [], []
+    for s in seqs:
+        pad = [PAD] * (width - len(s))
+        real_types = [0] * ((len(s) + 1) // 2) + [1] * (len(s) // 2)
+        if left:
+            (
+                ids.append(pad + s),
+                mask.append([0] * len(pad) + [1] * len(s)),
+                types.append([0] * len(pad) + real_types),
+            )
+        else:
+            (
+                ids.append(s + pad),
+                mask.append([1] * len(s) + [0] * len(pad)),
+                types.append(real_types + [0] * len(pad)),
+            )
+    return {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": torch.tensor(mask),
+        "token_type_ids": torch.tensor(types),
+    }
+
+
+def _cases() -> list[list[int]]:
+    rng = random.Random(13)
+    named = [
+        [1],  # one sequence
+        [5],
+        [7, 7, 7, 7],  # equal lengths
+        [1, 1, 1],  # length 1 everywhere
+        [1, 500, 2, 3],  # very unequal
+        [512, 1],
+    ]
+    drawn = [[rng.randint(1, 60) for _ in range(rng.randint(1, 12))] for _ in range(40)]
+    return named + drawn
+
+
+@pytest.mark.parametrize("lengths", _cases(), ids=lambda c: "-".join(map(str, c))[:40])
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_pack_and_unpack_round_trip(lengths: list[int], left: bool) -> None:
+    rng = random.Random(len(lengths) * 1000 + sum(lengths))
+    seqs = [[rng.randint(1, 30000) for _ in range(n)] for n in lengths]
+    features = _padded(seqs, left=left)
+    packed = packing.pack(features)
+
+    # cu_seqlens: int32, from 0, one step per sequence of exactly its length, ending at the total.
+    assert packed.cu_seqlens.dtype == torch.int32
+    assert packed.cu_seqlens.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert packed.n == len(lengths) and packed.total == sum(lengths)
+    assert packed.max_seqlen == max(lengths)
+    # One row, no padding: every sequence's tokens in order, positions restarting at 0.
+    assert packed.input_ids.tolist() == [t for s in seqs for t in s]
+    assert packed.position_ids.tolist() == [p for n in lengths for p in range(n)]
+    types = [
+        t
+        for row, m in zip(
+            features["token_type_ids"].tolist(), features["attention_mask"].tolist(), strict=True
+        )
+        for t, k in zip(row, m, strict=True)
+        if k
+    ]
+    assert packed.token_type_ids is not None and packed.token_type_ids.tolist() == types
+
+    # The way back.
+    assert torch.equal(packing.to_padded(packed.input_ids, packed, fill=PAD), features["input_ids"])
+    assert packing.first_tokens(packed.input_ids, packed).tolist() == [s[0] for s in seqs]
+    values = torch.randn(packed.total, 3)
+    padded_values = packing.to_padded(values, packed)
+    mask = features["attention_mask"].bool()
+    assert torch.equal(padded_values[mask], values) and not padded_values[~mask].any()
+    means = torch.stack(
+        [
+            values[a:b].mean(0)
+            for a, b in zip(packed.cu_seqlens[:-1].tolist(), packed.cu_seqlens[1:].tolist(), strict=True)
+        ]
+    )
+    torch.testing.assert_close(packing.segment_mean(values, packed), means)
+
+    # Encodings packed directly give the same batch (right-padded layout).
+    direct = packing.pack_sequences(seqs, None)
+    assert torch.equal(direct.input_ids, packed.input_ids)
+    assert torch.equal(direct.position_ids, packed.position_ids)
+    assert torch.equal(direct.cu_seqlens, packed.cu_seqlens)
+    if not left:
+        assert torch.equal(direct.indices, packed.indices)
+
+
+def test_position_offset_and_bad_batches() -> None:
+    packed = packing.pack(_padded([[4, 5, 6], [7]]), position_offset=2)  # RoBERTa: after padding_idx 1
+    assert packed.position_ids.tolist() == [2, 3, 4, 2]
+    with pytest.raises(ValueError, match="at least one token"):
+        packing.pack(
+            {"input_ids": torch.tensor([[1, 2], [0, 0]]), "attention_mask": torch.tensor([[1, 1], [0, 0]])}
+        )
+    with pytest.raises(ValueError, match="at least one token"):
+        packing.pack_sequences([[1], []])
+    with pytest.raises(ValueError, match=r"\[n, L\]"):
+        packing.pack({"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1])})
+
+
+# ---- the packed forward pass against the padded one -------------------------------------------
+def _pairs() -> list[tuple[str, str]]:
+    docs = documents(4)
+    # Very unequal lengths: a one-word document, long ones (past the sliding window), the query alone.
+    return [(q, d) for q in queries(2) for d in docs[:3]] + [
+        (queries(1)[0], "x"),
+        (queries(1)[0], " ".join(docs)),
+        ("a", ""),
+    ]
+
+
+def _build_xlmr_classifier(out: Path) -> Path:
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    from sidecar.model_factory import packaged_embedding_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(packaged_embedding_model_dir()))
+    torch.manual_seed(1)
+    cfg = XLMRobertaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=514,
+        type_vocab_size=2,
+        pad_token_id=tok.pad_token_id,
+        num_labels=1,
+        initializer_range=0.2,
+    )
+    XLMRobertaForSequenceClassification(cfg).save_pretrained(out)
+    tok.model_max_length = 512
+    tok.save_pretrained(out)
+    return out
+
+
+def _build_modernbert_classifier(out: Path) -> Path:
+    from transformers import AutoTokenizer, ModernBertConfig, ModernBertForSequenceClassification
+
+    from sidecar.model_factory import packaged_embedding_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(packaged_embedding_model_dir()))
+    torch.manual_seed(2)
+    cfg = ModernBertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        local_attention=16,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        cls_token_id=tok.cls_token_id,
+        sep_token_id=tok.sep_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        classifier_pooling="mean",
+        num_labels=1,
+        initializer_range=0.2,
+    )
+    ModernBertForSequenceClassification(cfg).save_pretrained(out)
+    tok.model_max_length = 512
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from sidecar.model_factory import build_bert_cross_encoder, build_modernbert_modular_cross_encoder
+
+    root = tmp_path_factory.mktemp("packing")
+    return {
+        "bert": build_bert_cross_encoder(root / "bert", layers=2),
+        # Three layers: one global, two sliding with a 16-token window that the long pairs exceed.
+        "modernbert-modular": build_modernbert_modular_cross_encoder(
+            root / "modernbert", layers=3, local_attention=16, seed=3
+        ),
+        "modernbert-classifier-mean": _build_modernbert_classifier(root / "modernbert-cls"),
+        "xlm-roberta": _build_xlmr_classifier(root / "xlmr"),
+    }
+
+
+def _load(path: Path, attention: str):  # type: ignore[no-untyped-def]
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(
+        str(path), device="cpu", model_kwargs={"dtype": torch.float32, "attn_implementation": attention}
+    )
+
+
+@pytest.mark.parametrize("kind", ["bert", "modernbert-modular", "modernbert-classifier-mean", "xlm-roberta"])
+def test_packed_forward_equals_padded_and_predict(model_dirs: dict[str, Path], kind: str) -> None:
+    reference = _load(model_dirs[kind], "sdpa")
+    packed_model = _load(model_dirs[kind], packing.register_reference_attention())
+    assert packing.supports_packing(packed_model)
+    pairs = _pairs()
+    features = packed_model.preprocess(pairs)
+    lengths = features["attention_mask"].sum(1)
+    assert lengths.max() > 16 >= lengths.min()  # the sliding window binds for some pairs only
+
+    with torch.inference_mode():
+        padded = reference(reference.preprocess(pairs))["scores"].float().reshape(-1)
+        packed = packing.packed_forward(packed_model, features)
+        # Control: the same packed row through a kernel that ignores cu_seqlens attends across pairs.
+        leaky = packing.packed_forward(reference, features)
+    assert packed.dtype == torch.float32 and packed.shape == (len(pairs),)
+    np.testing.assert_allclose(packed.numpy(), padded.numpy(), atol=1e-4, rtol=0)
+    assert np.abs(leaky.numpy() - padded.numpy()).max() > 1e-2
+    assert np.ptp(padded.numpy()) > 1e-2  # scores spread: agreement above is not agreement on a constant
+
+    predicted = reference.predict(pairs, batch_size=4)  # sentence-transformers' own path, its activation
+    np.testing.assert_allclose(reference.activation_fn(packed).numpy(), predicted, atol=1e-4, rtol=0)
+
+
+def test_supports_packing_says_why_not(model_dirs: dict[str, Path]) -> None:
+    sdpa = _load(model_dirs["bert"], "sdpa")
+    assert not packing.supports_packing(sdpa)
+    assert "flash_attention_2" in (packing.why_not_packed(sdpa) or "")
