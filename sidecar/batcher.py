@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 WINDOW_BUDGETS = 4
 
 
+def batch_cost(lengths: Sequence[int], padding_free: bool) -> int:
+    """Tokens a batch of pairs of these lengths costs the model, what `max_batch_tokens` bounds: padded,
+    every pair counts as long as the longest; packed without padding (a scorer with `padding_free`, the
+    CUDA flash-attn path of sidecar/scoring/packing.py), only the real tokens count."""
+    if not lengths:
+        return 0
+    return sum(lengths) if padding_free else len(lengths) * max(lengths)
+
+
 @dataclass
 class BatchStats:
     """What one job went through, for the response's timings."""
@@ -97,6 +106,8 @@ class Batcher:
         self.max_batch_pairs = max_batch_pairs
         self.max_wait_s = max_wait_s
         self.max_queue_pairs = max_queue_pairs
+        # A scorer that packs batches without padding pays only for real tokens (`batch_cost`).
+        self.padding_free = bool(getattr(scorer, "padding_free", False))
         self._queue: deque[_Item] = deque()
         self._queued_pairs = 0
         self._arrived = asyncio.Event()
@@ -309,6 +320,9 @@ class Batcher:
     def _fits(self, batch: list[_Item], item: _Item) -> bool:
         if not batch:
             return True
+        if self.padding_free:
+            cost = batch_cost([*(i.tokens for i in batch), item.tokens], padding_free=True)
+            return len(batch) < self.max_batch_pairs and cost <= self.max_batch_tokens
         # batch[0] is the longest unless the head job keeps queue order (Progress): then look at all.
         first = batch[0].tokens if batch[0].job.progress is None else max(i.tokens for i in batch)
         longest = max(first, item.tokens)
@@ -352,7 +366,7 @@ class Batcher:
         m = self.metrics
         m.inference_seconds.observe(elapsed)
         m.batch_pairs.observe(len(batch))
-        m.batch_tokens.observe(len(batch) * max(i.tokens for i in batch))
+        m.batch_tokens.observe(batch_cost([i.tokens for i in batch], self.padding_free))
         m.batch_real_tokens.observe(sum(i.tokens for i in batch))
         m.batch_requests.observe(len(jobs))
         m.pairs_scored.inc(len(batch))

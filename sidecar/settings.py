@@ -237,7 +237,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         8192,
         ge=64,
-        description="Token budget of one forward pass (padded length x pairs). Larger batches amortise "
+        description="Token budget of one forward pass: padded length x pairs, or the real tokens when "
+        "the scorer packs batches without padding (CUDA + flash-attn, docs/gpu.md). Larger batches amortise "
         "overhead on GPUs (16384+ there); on CPU, beyond a few thousand tokens only latency grows.",
     )
     max_batch_pairs: int = Field(

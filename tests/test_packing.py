@@ -4,6 +4,7 @@ plain list arithmetic; the packed forward pass against the padded one and agains
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -11,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from sidecar.batcher import Batcher
+from sidecar.metrics import Metrics
 from sidecar.scoring import packing
+from sidecar.scoring.base import Pair, Scorer
+from tests.fakes import RecordingScorer
 from tests.texts import documents, queries
 
 PAD = 0
@@ -238,3 +243,45 @@ def test_supports_packing_says_why_not(model_dirs: dict[str, Path]) -> None:
     sdpa = _load(model_dirs["bert"], "sdpa")
     assert not packing.supports_packing(sdpa)
     assert "flash_attention_2" in (packing.why_not_packed(sdpa) or "")
+
+
+# ---- the batch budget in real tokens ----------------------------------------------------------
+def test_batch_cost_counts_padding_only_for_padded_scorers() -> None:
+    from sidecar.batcher import batch_cost
+
+    assert batch_cost([100, 10, 10], padding_free=False) == 300
+    assert batch_cost([100, 10, 10], padding_free=True) == 120
+    assert batch_cost([], padding_free=True) == 0
+
+
+def test_packed_scorer_batches_fill_the_budget_with_real_tokens(bert_scorer: Scorer) -> None:
+    """The same request under the same budget: a padding-free scorer's batches hold more pairs, each
+    within the budget in real tokens (though over it if padded), and the scores do not change."""
+    budget = 160
+    # Length-sorted batches of one request pad little; a long pair among short ones pads a lot.
+    query = queries(1)[0]
+    pairs = [Pair(query, documents(24)[1] * 4)] + [Pair(query, f"short passage {i}") for i in range(20)]
+    tokens = [m.tokens for m in bert_scorer.measure(pairs)]
+    assert budget // 2 > max(tokens) > 3 * min(tokens)
+
+    async def run(padding_free: bool) -> tuple[np.ndarray, list[list[Pair]]]:
+        rec = RecordingScorer(bert_scorer)
+        rec.padding_free = padding_free  # type: ignore[attr-defined]
+        b = Batcher(
+            rec, Metrics(), max_batch_tokens=budget, max_batch_pairs=128, max_wait_s=0.0, max_queue_pairs=1000
+        )
+        b.start()
+        scores, _ = await b.submit(pairs, tokens, asyncio.get_running_loop().time() + 120)
+        await b.close()
+        return scores, rec.batches
+
+    padded_scores, padded_batches = asyncio.run(run(False))
+    packed_scores, packed_batches = asyncio.run(run(True))
+    length = dict(zip(pairs, tokens, strict=True))
+    for batch in packed_batches:
+        assert sum(length[p] for p in batch) <= budget
+    for batch in padded_batches:
+        assert len(batch) * max(length[p] for p in batch) <= budget
+    assert any(len(b) * max(length[p] for p in b) > budget for b in packed_batches)
+    assert len(packed_batches[0]) > len(padded_batches[0])  # the long pair's batch, topped up
+    np.testing.assert_allclose(packed_scores, padded_scores, atol=1e-5)
