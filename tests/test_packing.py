@@ -121,6 +121,8 @@ def test_position_offset_and_bad_batches() -> None:
         )
     with pytest.raises(ValueError, match="at least one token"):
         packing.pack_sequences([[1], []])
+    with pytest.raises(ValueError, match="attention_mask"):  # already flattened by sentence-transformers
+        packing.pack({"input_ids": torch.tensor([[4, 5, 6, 7]]), "cu_seq_lens_q": torch.tensor([0, 3, 4])})
     with pytest.raises(ValueError, match=r"\[n, L\]"):
         packing.pack({"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1])})
 
@@ -285,3 +287,20 @@ def test_packed_scorer_batches_fill_the_budget_with_real_tokens(bert_scorer: Sco
     assert any(len(b) * max(length[p] for p in b) > budget for b in packed_batches)
     assert len(packed_batches[0]) > len(padded_batches[0])  # the long pair's batch, topped up
     np.testing.assert_allclose(packed_scores, padded_scores, atol=1e-5)
+
+
+def test_gpu_check_says_in_one_line_when_there_is_no_gpu() -> None:
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gpu_check.py")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines() == [
+        "gpu_check: no CUDA device visible to PyTorch; this check needs an NVIDIA GPU (docs/gpu.md)"
+    ]
+    assert proc.stderr == ""

@@ -88,6 +88,9 @@ def pack(features: Mapping[str, Any], position_offset: int = 0) -> PackedBatch:
     """A padded batch (`input_ids`, `attention_mask`, optional `token_type_ids`, each [n, L]) packed into
     one row. Padding may sit on either side; each sequence's positions count its real tokens from
     `position_offset`."""
+    if "attention_mask" not in features:
+        # sentence-transformers flattens batches itself for flash-attn feature-extraction models.
+        raise ValueError("pack needs a padded batch with an attention_mask (these features are not padded)")
     ids = features["input_ids"]
     mask = features["attention_mask"].to(torch.bool)
     if ids.ndim != 2 or mask.shape != ids.shape:
