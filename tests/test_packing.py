@@ -112,6 +112,21 @@ def test_pack_and_unpack_round_trip(lengths: list[int], left: bool) -> None:
         assert torch.equal(direct.indices, packed.indices)
 
 
+def test_a_row_flattened_by_transformers_is_taken_as_it_is() -> None:
+    """sentence-transformers flattens feature-extraction batches itself under flash-attn, with
+    transformers' DataCollatorWithFlattening: the same batch as packing the padded one."""
+    from transformers import DataCollatorWithFlattening
+
+    seqs = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)(
+        [{"input_ids": s} for s in seqs]
+    )
+    got, want = packing.pack(flat), packing.pack(_padded(seqs))
+    for field in ("input_ids", "position_ids", "cu_seqlens", "indices"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert got.max_seqlen == want.max_seqlen == 5 and got.padded_length == 5
+
+
 def test_position_offset_and_bad_batches() -> None:
     packed = packing.pack(_padded([[4, 5, 6], [7]]), position_offset=2)  # RoBERTa: after padding_idx 1
     assert packed.position_ids.tolist() == [2, 3, 4, 2]
@@ -121,8 +136,8 @@ def test_position_offset_and_bad_batches() -> None:
         )
     with pytest.raises(ValueError, match="at least one token"):
         packing.pack_sequences([[1], []])
-    with pytest.raises(ValueError, match="attention_mask"):  # already flattened by sentence-transformers
-        packing.pack({"input_ids": torch.tensor([[4, 5, 6, 7]]), "cu_seq_lens_q": torch.tensor([0, 3, 4])})
+    with pytest.raises(ValueError, match="attention_mask"):
+        packing.pack({"input_ids": torch.tensor([[4, 5, 6, 7]])})
     with pytest.raises(ValueError, match=r"\[n, L\]"):
         packing.pack({"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1])})
 
@@ -239,6 +254,21 @@ def test_packed_forward_equals_padded_and_predict(model_dirs: dict[str, Path], k
 
     predicted = reference.predict(pairs, batch_size=4)  # sentence-transformers' own path, its activation
     np.testing.assert_allclose(reference.activation_fn(packed).numpy(), predicted, atol=1e-4, rtol=0)
+
+    if kind.startswith("modernbert"):
+        # The row sentence-transformers would hand over after flattening it itself (flash-attn loads).
+        from transformers import DataCollatorWithFlattening
+
+        ids = [
+            row[m.bool()].tolist()
+            for row, m in zip(features["input_ids"], features["attention_mask"], strict=True)
+        ]
+        flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)(
+            [{"input_ids": x} for x in ids]
+        )
+        with torch.inference_mode():
+            from_flat = packing.packed_forward(packed_model, flat)
+        np.testing.assert_allclose(from_flat.numpy(), padded.numpy(), atol=1e-4, rtol=0)
 
 
 def test_supports_packing_says_why_not(model_dirs: dict[str, Path]) -> None:

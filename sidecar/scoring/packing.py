@@ -87,10 +87,12 @@ class PackedBatch:
 def pack(features: Mapping[str, Any], position_offset: int = 0) -> PackedBatch:
     """A padded batch (`input_ids`, `attention_mask`, optional `token_type_ids`, each [n, L]) packed into
     one row. Padding may sit on either side; each sequence's positions count its real tokens from
-    `position_offset`."""
+    `position_offset`. A row sentence-transformers already flattened (`cu_seq_lens_q`, as it does for
+    feature-extraction models under flash-attn) is taken as it is."""
     if "attention_mask" not in features:
-        # sentence-transformers flattens batches itself for flash-attn feature-extraction models.
-        raise ValueError("pack needs a padded batch with an attention_mask (these features are not padded)")
+        if "cu_seq_lens_q" in features:
+            return _from_flattened(features)
+        raise ValueError("pack needs a padded batch with an attention_mask, or a flattened one")
     ids = features["input_ids"]
     mask = features["attention_mask"].to(torch.bool)
     if ids.ndim != 2 or mask.shape != ids.shape:
@@ -134,6 +136,25 @@ def pack_sequences(
         cu_seqlens=_cumulative(torch.tensor(lengths)),
         max_seqlen=width,
         indices=torch.cat([torch.arange(n) + i * width for i, n in enumerate(lengths)]),
+        padded_length=width,
+    )
+
+
+def _from_flattened(features: Mapping[str, Any]) -> PackedBatch:
+    cu = features["cu_seq_lens_q"].to(torch.int32).reshape(-1).cpu()
+    lengths = cu.diff()
+    width = int(lengths.max())
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths)
+    local = torch.arange(int(cu[-1])) - starts  # each token's place in its own sequence
+    row = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    types = features.get("token_type_ids")
+    return PackedBatch(
+        input_ids=features["input_ids"].reshape(-1),
+        position_ids=features["position_ids"].reshape(-1),
+        token_type_ids=types.reshape(-1) if types is not None else None,
+        cu_seqlens=cu,
+        max_seqlen=width,
+        indices=row * width + local,
         padded_length=width,
     )
 
@@ -195,7 +216,8 @@ def supports_packing(model: Any) -> bool:
 
 def packed_forward(model: Any, features: Mapping[str, Any]) -> torch.Tensor:
     """Raw scores `[n]` (before the activation function), float32 on the CPU, of a padded batch
-    (`input_ids`, `attention_mask`, optional `token_type_ids`) run as one packed row.
+    (`input_ids`, `attention_mask`, optional `token_type_ids`) run as one packed row. A batch
+    sentence-transformers already flattened is run as it is.
 
     Equal to the padded forward pass up to kernel rounding. Callers check `supports_packing` first.
     """
@@ -212,9 +234,10 @@ def packed_forward(model: Any, features: Mapping[str, Any]) -> torch.Tensor:
         hidden = _encode(hf, packed, config.model_type)
         # The modules after the encoder (pooling, dense head) read the padded layout, as they always do.
         state: dict[str, Any] = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()
+            "input_ids": to_padded(packed.input_ids, packed, fill=config.pad_token_id or 0),
+            "attention_mask": to_padded(torch.ones_like(packed.input_ids), packed),
+            "token_embeddings": to_padded(hidden, packed),
         }
-        state["token_embeddings"] = to_padded(hidden, packed)
         for module in list(model)[1:]:
             state = module(state)
         logits = state["scores"]
