@@ -142,6 +142,27 @@ def test_position_offset_and_bad_batches() -> None:
         packing.pack({"input_ids": torch.tensor([1, 2]), "attention_mask": torch.tensor([1, 1])})
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_reference_kernel_equals_one_block_diagonal_attention(window: int | None) -> None:
+    """The per-pair loop standing in for flash-attn varlen equals a single SDPA call over the whole row
+    with a block-diagonal mask (and the flash window: keys within `window - 1` either side)."""
+    torch.manual_seed(0)
+    lengths = [1, 7, 2, 12]
+    total, heads, dim = sum(lengths), 2, 8
+    q, k, v = (torch.randn(1, heads, total, dim) for _ in range(3))
+    cu = torch.tensor([0, 1, 8, 10, 22], dtype=torch.int32)
+    got, _ = packing.reference_varlen_attention(
+        torch.nn.Module(), q, k, v, None, scaling=0.3, sliding_window=window, cu_seq_lens_q=cu
+    )
+    pair = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(total)
+    allowed = pair[:, None] == pair[None, :]
+    if window is not None:
+        allowed &= (pos[:, None] - pos[None, :]).abs() <= window - 1
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3)
+    torch.testing.assert_close(got, want.transpose(1, 2))
+
+
 # ---- the packed forward pass against the padded one -------------------------------------------
 def _pairs() -> list[tuple[str, str]]:
     docs = documents(4)
