@@ -201,7 +201,8 @@ def in_process(model_dir: Path, work: list[tuple[str, list[str]]]) -> dict[str, 
     pairs = [(q, d) for q, docs in work for d in docs]
     padded = load(model_dir, _low(), "sdpa")
     batches = _batches(padded, pairs, budget=16384)
-    figures = {"padded_sdpa_pairs_per_s": _rate(padded, _padded_scores, batches, len(pairs))}
+    figures = {"parameters_m": sum(p.numel() for p in padded.parameters()) / 1e6}  # a check on the shape
+    figures["padded_sdpa_pairs_per_s"] = _rate(padded, _padded_scores, batches, len(pairs))
     del padded
     packed = load(model_dir, _low(), TARGET["attention"])
     figures["packed_flash_pairs_per_s"] = _rate(packed, packing.packed_forward, batches, len(pairs))
@@ -346,7 +347,8 @@ def _mean_words(work: list[tuple[str, list[str]]]) -> float:
 def print_row(name: str, row: dict[str, Any]) -> None:
     ip = row["in_process"]
     line = (
-        f"{name:24s} model only: padded+SDPA {ip['padded_sdpa_pairs_per_s']:8.0f}  packed+flash "
+        f"{name:24s} {ip['parameters_m']:6.1f}M params; model only: padded+SDPA "
+        f"{ip['padded_sdpa_pairs_per_s']:8.0f}  packed+flash "
         f"{ip['packed_flash_pairs_per_s']:8.0f} pairs/s ({ip['speedup']:.2f}x)"
     )
     if "end_to_end" in row:
