@@ -362,7 +362,15 @@ def _export_onnxruntime(
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = str(fused)
         ort.InferenceSession(str(exported), opts, providers=["CPUExecutionProvider"])
-        quantize_dynamic(str(fused), str(out / "model.int8.onnx"), weight_type=QuantType.QInt8)
+        import onnx
+
+        quantize_dynamic(
+            str(fused),
+            str(out / "model.int8.onnx"),
+            weight_type=QuantType.QInt8,
+            # Fused contrib ops carry no inferred types; their tensors are float32.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
         fused.unlink()
         exported.unlink()
         (out / "model.int8.onnx").rename(exported)
