@@ -106,9 +106,14 @@ def placement_for(settings: Any) -> Placement:
 
 
 def _require(runtime: str) -> None:
-    import importlib.util
+    import importlib
 
-    missing = [m for m in _MODULES[runtime] if importlib.util.find_spec(m) is None]
+    missing = []
+    for module in _MODULES[runtime]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if missing:
         raise RuntimeUnavailable(
             f"--runtime {runtime} needs {', '.join(missing)}: pip install 'rerank-sidecar[cpu]' "
@@ -165,8 +170,11 @@ class TorchEngine(Engine):
 class OpenVINOEngine(Engine):
     runtime = "openvino"
 
-    def __init__(self, compiled: Any, inputs: Sequence[str], output: str, precision: str) -> None:
+    def __init__(
+        self, compiled: Any, inputs: Sequence[str], output: str, precision: str, folder: Path
+    ) -> None:
         self.compiled, self.inputs, self.output, self.precision = compiled, tuple(inputs), output, precision
+        self.folder = folder  # the export cache entry it was compiled from
         # One request, reused: the scorer calls from one thread at a time.
         self._request = compiled.create_infer_request()
 
@@ -182,8 +190,11 @@ class OpenVINOEngine(Engine):
 class ONNXRuntimeEngine(Engine):
     runtime = "onnxruntime"
 
-    def __init__(self, session: Any, inputs: Sequence[str], output: str, precision: str) -> None:
+    def __init__(
+        self, session: Any, inputs: Sequence[str], output: str, precision: str, folder: Path
+    ) -> None:
         self.session, self.inputs, self.output, self.precision = session, tuple(inputs), output, precision
+        self.folder = folder  # the export cache entry it was loaded from
 
     def run(self, features: dict[str, Any]) -> Any:
         import torch
@@ -323,7 +334,7 @@ def _load_openvino(
     compiled = core.compile_model(
         core.read_model(folder / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": hint}
     )
-    return OpenVINOEngine(compiled, inputs, output, precision)
+    return OpenVINOEngine(compiled, inputs, output, precision, folder)
 
 
 def _export_onnxruntime(
@@ -382,7 +393,7 @@ def _load_onnxruntime(folder: Path, inputs: list[str], output: str, precision: s
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    return ONNXRuntimeEngine(session, inputs, output, precision)
+    return ONNXRuntimeEngine(session, inputs, output, precision, folder)
 
 
 # ---- the export cache ------------------------------------------------------------------------------
