@@ -78,14 +78,18 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Inference precision. 'auto' is bfloat16 on CUDA and on CPUs with native bf16 "
-        "(AMX / AVX512-BF16), float32 otherwise. bf16 is several times faster where the hardware has it "
-        "but keeps only about 3 significant digits; float32 matches sentence-transformers within 1e-4.",
+        "(AMX / AVX512-BF16), float32 otherwise (per runtime: docs/runtimes.md). bf16 is several times "
+        "faster where the hardware has it but keeps only about 3 significant digits; float32 matches "
+        "sentence-transformers within 1e-4.",
     )
     quantize: Literal["none", "int8"] = Field(
         "none",
-        description="CPU only: 'int8' quantises the Linear layers dynamically (int8 weights, fp32 "
-        "activations). 1.3x the fp32 baseline on an AVX2-only CPU (BENCHMARKS.md), but scores move and close "
-        "calls swap places, so check rankings on your data (`rerank-sidecar bench` reports agreement).",
+        description="CPU only: 'int8' runs the matrix products in int8. With --runtime torch the Linear "
+        "layers are quantised dynamically (int8 weights, fp32 activations; 1.3x the fp32 baseline on an "
+        "AVX2-only CPU, BENCHMARKS.md); openvino quantises statically with NNCF on --calibration-file, the "
+        "rest at --dtype; onnxruntime dynamically after graph fusion (docs/runtimes.md). Faster, but scores "
+        "move and close calls swap places, so check rankings on your data (`rerank-sidecar bench` and "
+        "scripts/precision_agreement.py report agreement).",
     )
     runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = Field(
         "auto",

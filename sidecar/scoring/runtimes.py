@@ -236,7 +236,7 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
     sample = spec.featurize([("what is a reranker", "A reranker orders documents."), ("q", "a b c d e f")])
     inputs = [n for n in INPUT_NAMES if n in sample]
     key = _cache_key(spec, runtime, quantize, pairs, inputs)
-    root = Path(settings.export_cache_dir).expanduser()
+    root = _writable_root(Path(settings.export_cache_dir).expanduser())
     folder = root / f"{_slug(spec.source.model_id)}-{runtime}-{quantize}-{key[:16]}"
     if folder.is_dir():
         log.info("export cache: reusing %s", folder)
@@ -441,6 +441,25 @@ def _version(package: str) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-60:] or "model"
+
+
+def _writable_root(root: Path) -> Path:
+    """The cache root, or a fresh temporary directory when it cannot be written (a read-only volume):
+    the sidecar still starts, and says that every start will export again."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+        return root
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="rerank-exports-"))
+        log.warning(
+            "export cache %s cannot be written (%s): exporting into %s, so every start exports again; "
+            "point --export-cache-dir at a writable volume",
+            root,
+            exc.strerror or exc,
+            fallback,
+        )
+        return fallback
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None], record: dict[str, Any]) -> None:
