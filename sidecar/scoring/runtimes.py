@@ -232,7 +232,9 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
             spec.model, spec.output, torch.device(placement.device), precision, bf16_autocast(placement)
         )
     _refuse_unexportable(spec, runtime)
-    pairs = calibration_pairs(settings.calibration_file) if quantize == "int8" else []
+    # Only static int8 reads calibration data (ONNX Runtime's dynamic int8 measures each batch).
+    static_int8 = quantize == "int8" and runtime == "openvino"
+    pairs = calibration_pairs(settings.calibration_file) if static_int8 else []
     sample = spec.featurize([("what is a reranker", "A reranker orders documents."), ("q", "a b c d e f")])
     inputs = [n for n in INPUT_NAMES if n in sample]
     key = _cache_key(spec, runtime, quantize, pairs, inputs)
@@ -246,9 +248,18 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
         )
         start = time.perf_counter()
         exporter = _export_openvino if runtime == "openvino" else _export_onnxruntime
-        _write_atomically(
-            folder, lambda tmp: exporter(spec, sample, inputs, quantize, pairs, tmp), _key_record(key, spec)
-        )
+        try:
+            _write_atomically(
+                folder,
+                lambda tmp: exporter(spec, sample, inputs, quantize, pairs, tmp),
+                _key_record(key, spec),
+            )
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise RuntimeUnavailable(
+                f"--runtime {runtime} could not export {spec.source.model_id} "
+                f"({type(exc).__name__}: {first}): use --runtime torch"
+            ) from exc
         log.info("export cache: exported in %.1fs", time.perf_counter() - start)
     if runtime == "openvino":
         return _load_openvino(folder, inputs, spec.output, placement, precision)
@@ -267,28 +278,25 @@ def _refuse_unexportable(spec: EngineSpec, runtime: str) -> None:
         )
 
 
-class _Core:
-    """Builds the torch module an exporter traces: the sentence-transformers stack with tensor inputs."""
+def _traceable(spec: EngineSpec, sample: dict[str, Any]) -> Any:
+    """The torch module an exporter traces: the sentence-transformers stack with tensor inputs."""
+    import torch
 
-    @staticmethod
-    def module(spec: EngineSpec, sample: dict[str, Any]) -> Any:
-        import torch
+    # Non-tensor features (e.g. sentence-transformers' `modality`) are constants of the graph.
+    extra = {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}
 
-        # Non-tensor features (e.g. sentence-transformers' `modality`) are constants of the graph.
-        extra = {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}
+    class Core(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.st = spec.model
 
-        class Core(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.st = spec.model
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            features = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+            if token_type_ids is not None:
+                features["token_type_ids"] = token_type_ids
+            return self.st(features)[spec.output]
 
-            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
-                features = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-                if token_type_ids is not None:
-                    features["token_type_ids"] = token_type_ids
-                return self.st(features)[spec.output]
-
-        return Core().eval()
+    return Core().eval()
 
 
 def _export_openvino(
@@ -302,7 +310,7 @@ def _export_openvino(
     import openvino as ov
     import torch
 
-    core = _Core.module(spec, sample)
+    core = _traceable(spec, sample)
     example = {n: sample[n] for n in inputs}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
@@ -347,7 +355,7 @@ def _export_onnxruntime(
 ) -> None:
     import torch
 
-    core = _Core.module(spec, sample)
+    core = _traceable(spec, sample)
     exported = out / "model.onnx"
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
