@@ -7,6 +7,7 @@ generated from the same source (`rerank-sidecar config`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -77,14 +78,40 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Inference precision. 'auto' is bfloat16 on CUDA and on CPUs with native bf16 "
-        "(AMX / AVX512-BF16), float32 otherwise. bf16 is several times faster where the hardware has it "
-        "but keeps only about 3 significant digits; float32 matches sentence-transformers within 1e-4.",
+        "(AMX / AVX512-BF16), float32 otherwise (per runtime: docs/runtimes.md). bf16 is several times "
+        "faster where the hardware has it but keeps only about 3 significant digits; float32 matches "
+        "sentence-transformers within 1e-4.",
     )
     quantize: Literal["none", "int8"] = Field(
         "none",
-        description="CPU only: 'int8' quantises the Linear layers dynamically (int8 weights, fp32 "
-        "activations). 1.3x the fp32 baseline on an AVX2-only CPU (BENCHMARKS.md), but scores move and close "
-        "calls swap places, so check rankings on your data (`rerank-sidecar bench` reports agreement).",
+        description="CPU only: 'int8' runs the matrix products in int8. With --runtime torch the Linear "
+        "layers are quantised dynamically (int8 weights, fp32 activations; 1.3x the fp32 baseline on an "
+        "AVX2-only CPU, BENCHMARKS.md); openvino quantises statically with NNCF on --calibration-file, the "
+        "rest at --dtype; onnxruntime dynamically after graph fusion (docs/runtimes.md). Faster, but scores "
+        "move and close calls swap places, so check rankings on your data (`rerank-sidecar bench` and "
+        "scripts/precision_agreement.py report agreement).",
+    )
+    runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = Field(
+        "auto",
+        description="Inference runtime (docs/runtimes.md). 'torch' runs the model in PyTorch (any device). "
+        "'openvino' and 'onnxruntime' (CPU only, the [cpu] extra) run a graph exported once into "
+        "--export-cache-dir: faster on CPUs (OpenVINO bf16 about 2.5x, static int8 3-4x torch fp32 on an "
+        "AVX512-BF16 CPU) at the cost of an export at first start and, below float32, scores that move. "
+        "'auto' is torch for now. The precision follows --dtype and --quantize.",
+    )
+    calibration_file: Path | None = Field(
+        None,
+        description='--quantize int8 with --runtime openvino: JSONL of {"query": ..., "document": ...} '
+        "pairs whose activations set the static int8 ranges. Unset uses a built-in set of a few hundred "
+        "varied English pairs; pairs like your own traffic (language, domain, lengths) keep int8 scores "
+        "closer to float32, and a few hundred are enough (more only lengthen the export).",
+    )
+    export_cache_dir: Path = Field(
+        Path("~/.cache/rerank-sidecar/exports"),
+        description="Where OpenVINO / ONNX Runtime exports are kept, keyed by the model's content hash, "
+        "runtime, quantisation, calibration set and library versions: a restart reuses them instead of "
+        "exporting again (tens of seconds for a MiniLM-sized model). Costs about the model's size on disk "
+        "per configuration; point it at a persistent volume in a container, or exports repeat at each start.",
     )
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
