@@ -392,7 +392,12 @@ def _sidecar(
         info = client.info()
         client.rerank("warm up", ["the model"] * 4)
         run = _load(client, work, args.concurrency, progress, label)
-        run["lone"] = [_lone(client, work[0]) for _ in range(args.lone_repeats)]
+        if args.lone_repeats > 0:
+            progress.console.print(
+                f"{label}: a lone request x{args.lone_repeats}, alternated with its pure compute in-process",
+                highlight=False,
+            )
+            run["lone"], run["compute"] = _lone_and_compute(client, model_dir, serve_args, work[0], args)
     run["info"] = {
         "runtime": getattr(info, "runtime", None) or "torch",
         "dtype": info.dtype,
@@ -466,45 +471,79 @@ def _serve_settings(model_dir: Path, serve_args: list[str]) -> Any:
     return settings_from_args(parser.parse_args(["--model", str(model_dir), *serve_args]))
 
 
-def lone_batches(tokens: list[int], max_tokens: int, max_pairs: int) -> list[list[int]]:
-    """The batches the batcher forms for one request alone: longest first, each batch filled while
-    (pairs + 1) x its longest pair fits the token budget (sidecar/batcher.py `_fits`)."""
+def lone_batches(
+    tokens: list[int], max_tokens: int, max_pairs: int, padding_free: bool = False
+) -> list[list[int]]:
+    """The batches the batcher forms for one request alone: longest first, each batch filled while its
+    cost fits the token budget: (pairs + 1) x its longest pair, or the sum of real tokens for a scorer
+    that packs without padding (sidecar/batcher.py `_fits`)."""
     order = sorted(range(len(tokens)), key=lambda i: -max(1, tokens[i]))
     batches: list[list[int]] = []
     for i in order:
         batch = batches[-1] if batches else None
-        if batch and len(batch) < max_pairs and (len(batch) + 1) * max(1, tokens[batch[0]]) <= max_tokens:
-            batch.append(i)
-        else:
-            batches.append([i])
+        if batch and len(batch) < max_pairs:
+            cost = (
+                sum(max(1, tokens[j]) for j in batch) + max(1, tokens[i])
+                if padding_free
+                else (len(batch) + 1) * max(1, tokens[batch[0]])
+            )
+            if cost <= max_tokens:
+                batch.append(i)
+                continue
+        batches.append([i])
     return batches
 
 
-def pure_compute(
-    model_dir: Path, serve_args: list[str], request: tuple[str, list], repeats: int
-) -> list[float]:
-    """Seconds to score the lone request's pairs in-process with the same scorer settings and the same
-    batches, no server: what the model itself costs (measuring tokens is the server's, not counted)."""
-    from sidecar.scoring.base import Pair
-    from sidecar.scoring.loading import load_scorer
+class PureCompute:
+    """The lone request's pairs scored in-process by a scorer with the same settings, in the batches the
+    batcher would form: what the model itself costs, with no server (measuring tokens is the server's
+    tokenize threads' work and is not counted; where the scorer makes encodings, they are handed over
+    as the batcher does)."""
 
-    settings = _serve_settings(model_dir, serve_args)
-    scorer = load_scorer(settings)
-    q, docs = request
-    pairs = [Pair(q, f"{t} {x}" if t else x) for _, t, x in docs]
-    measures = scorer.measure(pairs)
-    pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
-    batches = lone_batches([m.tokens for m in measures], settings.max_batch_tokens, settings.max_batch_pairs)
-    scorer.score(pairs[:4])  # warm-up, as the server's
-    out = []
-    for _ in range(repeats):
+    def __init__(self, model_dir: Path, serve_args: list[str], request: tuple[str, list]) -> None:
+        from sidecar.scoring.base import Pair
+        from sidecar.scoring.loading import load_scorer
+
+        settings = _serve_settings(model_dir, serve_args)
+        self.scorer = load_scorer(settings)
+        q, docs = request
+        pairs = [Pair(q, f"{t} {x}" if t else x) for _, t, x in docs]
+        measures = self.scorer.measure(pairs)
+        self.pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
+        encodings = [getattr(m, "encoding", None) for m in measures]
+        self.encodings = encodings if all(e is not None for e in encodings) else None
+        self.batches = lone_batches(
+            [m.tokens for m in measures],
+            settings.max_batch_tokens,
+            settings.max_batch_pairs,
+            padding_free=bool(getattr(self.scorer, "padding_free", False)),
+        )
+        self.run([list(range(min(4, len(self.pairs))))])  # warm-up, as the server's
+
+    def run(self, batches: list[list[int]] | None = None) -> float:
         t0 = time.perf_counter()
-        for b in batches:
-            scorer.score([pairs[i] for i in b])
-        out.append(time.perf_counter() - t0)
-    del scorer
+        for b in self.batches if batches is None else batches:
+            batch = [self.pairs[i] for i in b]
+            if self.encodings is None:
+                self.scorer.score(batch)
+            else:
+                self.scorer.score(batch, encodings=[self.encodings[i] for i in b])  # type: ignore[call-arg]
+        return time.perf_counter() - t0
+
+
+def _lone_and_compute(
+    client: Any, model_dir: Path, serve_args: list[str], request: tuple[str, list], args: argparse.Namespace
+) -> tuple[list[float], list[float]]:
+    """The lone request through the idle server and its pure compute in this process, alternated, so
+    that a machine whose load drifts weighs on both alike."""
+    compute = PureCompute(model_dir, serve_args, request)
+    lone, pure = [], []
+    for _ in range(args.lone_repeats):
+        lone.append(_lone(client, request))
+        pure.append(compute.run())
+    del compute
     gc.collect()
-    return out
+    return lone, pure
 
 
 def ranking_check(ours: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, Any]:
@@ -562,10 +601,7 @@ def _measure_config(
     )
     row["ratio"] = row["pairs_per_s"] / base["pairs_per_s"]
     if args.lone_repeats > 0:
-        progress.console.print(
-            f"{config.label}: pure compute of the lone request, in-process", highlight=False
-        )
-        compute = pure_compute(model_dir, serve_args, work[0], args.lone_repeats)
+        compute = side["compute"]
         lone_p50, compute_p50 = statistics.median(side["lone"]), statistics.median(compute)
         row["lone"] = {
             "pairs": len(work[0][1]),

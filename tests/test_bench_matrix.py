@@ -177,3 +177,7 @@ def test_lone_batches_follow_the_token_budget() -> None:
     assert batches == [[1, 3], [2, 4, 0]]
     assert sorted(i for b in batches for i in b) == list(range(len(tokens)))
     assert all(len(b) * max(tokens[i] for i in b) <= 100 for b in batches)
+    # packed without padding (the CUDA path), only real tokens count
+    assert bench.lone_batches(tokens, max_tokens=100, max_pairs=3, padding_free=True) == [[1, 3], [2, 4, 0]]
+    assert bench.lone_batches(tokens, max_tokens=110, max_pairs=9, padding_free=True) == [[1, 3], [2, 4, 0]]
+    assert bench.lone_batches(tokens, max_tokens=155, max_pairs=9, padding_free=True) == [[1, 3, 2, 4], [0]]
