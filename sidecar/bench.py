@@ -560,6 +560,21 @@ def ranking_check(ours: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, An
     }
 
 
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: ")
+
+
+def refusal(log: str) -> str | None:
+    """Why a `serve` that exited before serving refused: its last error line, without the log prefix."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [
+        ln
+        for ln in lines
+        if " ERROR " in ln or " CRITICAL " in ln or ln.startswith("invalid setting") or ln.startswith("error")
+    ]
+    picked = errors[-1] if errors else (lines[-1] if lines else None)
+    return _LOG_PREFIX.sub("", picked) if picked else None
+
+
 def _ceiling_for(dtype: str) -> str:
     """The matmul ceiling a served precision is held against: bf16 where the float part is bf16."""
     return "bfloat16" if "bfloat16" in dtype else "float32"
@@ -580,9 +595,9 @@ def _measure_config(
         log_path = Path(tmp) / "serve.log"
         try:
             side = _sidecar(model_dir, work, serve_args, args, progress, config.label, log_path)
-        except RuntimeError as exc:  # the sidecar refused the settings at start: its last words say why
-            said = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-            return {**row, "status": "failed", "reason": said[-1].strip() if said else str(exc)}
+        except RuntimeError as exc:  # the sidecar refused the settings at start: its log says why
+            reason = refusal(log_path.read_text(errors="replace")) or str(exc)
+            return {**row, "status": "refused", "reason": reason}
     base = report["baseline"]
     workload = report["workload"]
     ceiling = _ceiling_for(side["info"]["dtype"])
@@ -641,9 +656,11 @@ def header_lines(report: dict[str, Any]) -> list[str]:
         f"ceiling ({ceil['threads']} threads): float32 {ceil['float32']['gflops']:.0f} GFLOP/s "
         f"({ceil['float32']['size']}^2 matmul), bfloat16 {ceil['bfloat16']['gflops']:.1f} GFLOP/s "
         f"({ceil['bfloat16']['size']}^2, {ceil['bfloat16']['note']})",
-        f"work: {wl['queries']} queries, {wl['pairs']} pairs, tokens per pair median "
+        f"work: {wl['queries']} queries, {wl['pairs']} pairs, {report['concurrency']} concurrent clients; "
+        f"lone request: the first query's {len(wl['requests'][0]['doc_ids'])} pairs, p50 of "
+        f"{report['lone_repeats']}; tokens per pair median "
         f"{wl['tokens']['median']:.0f}, p90 {wl['tokens']['p90']:.0f}, truncated at {wl['max_length']}: "
-        f"{wl['tokens']['truncated']:.1%}; {wl['flops_total'] / wl['pairs'] / 1e9:.2f} GFLOP per pair "
+        f"{wl['tokens']['truncated']:.1%}; {wl['flops_total'] / wl['pairs'] / 1e9:.3g} GFLOP per pair "
         f"on average ({wl['flops_formula']}; {wl['model']['matmul_params'] / 1e6:.2f} M matmul weights)",
     ]
 
@@ -680,7 +697,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             "1.00",
             num(base["p50"], ".2f"),
             num(base["p95"], ".2f"),
-            num(base["gflops"], ".0f"),
+            num(base["gflops"], ".3g"),
             num(100 * base["ceiling_share"], ".0f"),
             *["-"] * 6,
         ]
@@ -690,7 +707,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [glob["name"], "torch float32", num(glob["pairs_per_s"], ".1f"),
              num(glob["pairs_per_s"] / base["pairs_per_s"], ".2f"), "-", "-",
-             num(glob["gflops"], ".0f"), num(100 * glob["ceiling_share"], ".0f"), *["-"] * 6]
+             num(glob["gflops"], ".3g"), num(100 * glob["ceiling_share"], ".0f"), *["-"] * 6]
         )  # fmt: skip
     for r in report["configs"]:
         if r["status"] != "ok":
@@ -699,13 +716,13 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         n = rank["queries"]
         rows.append(
             [
-                f"sidecar {r['label']}, concurrency {report['concurrency']}",
+                f"sidecar {r['label']}",
                 f"{r['info']['runtime']} {r['info']['dtype']}",
                 num(r["pairs_per_s"], ".1f"),
                 num(r["ratio"], ".2f"),
                 num(r["p50"], ".2f"),
                 num(r["p95"], ".2f"),
-                num(r["gflops"], ".0f"),
+                num(r["gflops"], ".3g"),
                 f"{100 * r['ceiling_share']:.0f} ({r['ceiling']})",
                 f"{rank['top10_identical']}/{n}",
                 f"{rank['top10_set_identical']}/{n}",
@@ -765,7 +782,11 @@ def main(args: argparse.Namespace) -> int:
     if args.matrix and (args.runtime or args.precision):
         print("--matrix names its own runtimes and precisions: drop --runtime / --precision", file=sys.stderr)
         return 2
-    report: dict[str, Any] = {"hardware": hardware(), "concurrency": args.concurrency}
+    report: dict[str, Any] = {
+        "hardware": hardware(),
+        "concurrency": args.concurrency,
+        "lone_repeats": args.lone_repeats,
+    }
     console.print("measuring the matmul ceilings", highlight=False)
     report["ceilings"] = ceilings(report["hardware"]["native_bf16"])
     console.print("building BM25 top-k pairs and the model", highlight=False)

@@ -181,3 +181,14 @@ def test_lone_batches_follow_the_token_budget() -> None:
     assert bench.lone_batches(tokens, max_tokens=100, max_pairs=3, padding_free=True) == [[1, 3], [2, 4, 0]]
     assert bench.lone_batches(tokens, max_tokens=110, max_pairs=9, padding_free=True) == [[1, 3], [2, 4, 0]]
     assert bench.lone_batches(tokens, max_tokens=155, max_pairs=9, padding_free=True) == [[1, 3, 2, 4], [0]]
+
+
+def test_a_configuration_serve_refuses_is_reported_with_its_reason(tmp_path: Path, bert_ce_dir: Path) -> None:
+    """A real `serve` that exits at start: the report carries its own one-line reason, not a traceback."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--serve-arg=--max-batch-tokens=1"])
+    work = [("q", [("d1", "", "a document")])]
+    row = bench._measure_config(bench.Config("torch", "float32"), bert_ce_dir, work, args, None, {})
+    assert row["status"] == "refused"
+    assert row["reason"].startswith("invalid setting max_batch_tokens"), row["reason"]
