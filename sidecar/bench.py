@@ -156,6 +156,32 @@ def unavailable(config: Config, native_bf16: bool) -> str | None:
     return None
 
 
+def refused_settings(config: Config, model_dir: Path, serve_args: list[str]) -> str | None:
+    """What `serve` would refuse these flags with, found without starting one (a runtime's placement
+    rules: e.g. ONNX Runtime runs float32 and int8 only); None when they pass or cannot be checked here."""
+    from pydantic import ValidationError
+
+    try:
+        settings = _serve_settings(model_dir, serve_args)
+    except ValidationError as exc:  # as `serve` words it
+        error = exc.errors()[0]
+        where = ".".join(str(x) for x in error["loc"])
+        return f"invalid setting {where}: {str(error['msg']).removeprefix('Value error, ')}"
+    except ValueError as exc:
+        return str(exc)
+    if config.runtime in (None, "auto"):
+        return None  # resolving `auto` needs the model; `serve` itself will say
+    try:
+        from sidecar.scoring import runtimes
+    except ImportError:  # a sidecar without runtimes: torch only, refused above otherwise
+        return None
+    try:
+        runtimes.placement_for(settings)
+    except (runtimes.RuntimeUnavailable, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 # ---- the machine ------------------------------------------------------------------------------
 
 
@@ -466,9 +492,15 @@ def _serve_settings(model_dir: Path, serve_args: list[str]) -> Any:
     """The Settings `serve` builds from these flags (and the same environment)."""
     from sidecar.cli import _add_settings_flags, settings_from_args
 
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="rerank-sidecar serve", exit_on_error=False)
     _add_settings_flags(parser)
-    return settings_from_args(parser.parse_args(["--model", str(model_dir), *serve_args]))
+    try:
+        given, unknown = parser.parse_known_args(["--model", str(model_dir), *serve_args])
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"serve {exc}") from None
+    if unknown:
+        raise ValueError(f"serve has no flag {' '.join(unknown)}")
+    return settings_from_args(given)
 
 
 def lone_batches(
@@ -764,6 +796,19 @@ def _print(console: Any, report: dict[str, Any]) -> None:
         console.print(f"not run: {line}", highlight=False)
 
 
+def _plan(
+    configs: list[Config], model_dir: Path, args: argparse.Namespace
+) -> list[tuple[Config, str | None]]:
+    """Per configuration, why it cannot run here (None: it can), decided before anything is timed."""
+    from sidecar.scoring.device import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    return [
+        (c, unavailable(c, native) or refused_settings(c, model_dir, [*args.serve_arg, *c.serve_flags()]))
+        for c in configs
+    ]
+
+
 def main(args: argparse.Namespace) -> int:
     import sys
 
@@ -782,6 +827,15 @@ def main(args: argparse.Namespace) -> int:
     if args.matrix and (args.runtime or args.precision):
         print("--matrix names its own runtimes and precisions: drop --runtime / --precision", file=sys.stderr)
         return 2
+    model_dir = _model_dir(args)
+    plan = _plan(configs, model_dir, args)
+    for config, reason in plan:
+        if reason:
+            console.print(f"{config.label}: skipped: {reason}", highlight=False)
+    if not any(reason is None for _, reason in plan):
+        print("nothing to benchmark on this machine (reasons above)", file=sys.stderr)
+        return 1
+
     report: dict[str, Any] = {
         "hardware": hardware(),
         "concurrency": args.concurrency,
@@ -789,9 +843,8 @@ def main(args: argparse.Namespace) -> int:
     }
     console.print("measuring the matmul ceilings", highlight=False)
     report["ceilings"] = ceilings(report["hardware"]["native_bf16"])
-    console.print("building BM25 top-k pairs and the model", highlight=False)
+    console.print("building BM25 top-k pairs", highlight=False)
     work = _pairs(args)
-    model_dir = _model_dir(args)
     report["workload"] = _workload(model_dir, work)
     for line in header_lines(report):
         console.print(line, highlight=False)
@@ -806,16 +859,12 @@ def main(args: argparse.Namespace) -> int:
             report["global_baseline"] = _baseline_row(
                 "sentence-transformers predict, all pairs at once (fp32, bs 32)", glob_wall, [], report
             )
-        report["configs"] = []
-        for config in configs:
-            reason = unavailable(config, report["hardware"]["native_bf16"])
-            if reason:
-                console.print(f"{config.label}: skipped: {reason}", highlight=False)
-                report["configs"].append(
-                    {**asdict(config), "label": config.label, "status": "skipped", "reason": reason}
-                )
-                continue
-            report["configs"].append(_measure_config(config, model_dir, work, args, progress, report))
+        report["configs"] = [
+            _measure_config(config, model_dir, work, args, progress, report)
+            if reason is None
+            else {**asdict(config), "label": config.label, "status": "skipped", "reason": reason}
+            for config, reason in plan
+        ]
     del report["_baseline_scores"]
 
     _print(console, report)

@@ -192,3 +192,18 @@ def test_a_configuration_serve_refuses_is_reported_with_its_reason(tmp_path: Pat
     row = bench._measure_config(bench.Config("torch", "float32"), bert_ce_dir, work, args, None, {})
     assert row["status"] == "refused"
     assert row["reason"].startswith("invalid setting max_batch_tokens"), row["reason"]
+
+
+def test_nothing_runnable_stops_before_timing_anything(
+    bert_ce_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", str(bert_ce_dir), "--matrix", "onnxruntime:float32,onnxruntime:int8"]
+    )
+    assert bench.main(args) == 1
+    out, err = capsys.readouterr()
+    assert out.count("skipped: onnxruntime cannot be imported") == 2
+    assert "nothing to benchmark on this machine" in err and "ceiling" not in out
