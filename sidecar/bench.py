@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--serve-arg",
         action="append",
         default=[],
-        help="extra `serve` flag for every configuration, e.g. --serve-arg=--max-batch-tokens=4096",
+        help="extra `serve` flag for every configuration, e.g. --serve-arg=--max-batch-tokens=4096 (a "
+        "configuration's own --runtime / --dtype / --quantize come after it and win)",
     )
     p.add_argument("--skip-global-baseline", action="store_true", help="time only the per-request baseline")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -368,6 +370,9 @@ def _baseline(
 ) -> tuple[float, list[float], list[np.ndarray]]:
     from sentence_transformers import CrossEncoder
 
+    from sidecar.scoring._st import quiet_transformers
+
+    quiet_transformers()  # no weight-loading bars between the progress lines
     model = CrossEncoder(str(model_dir), device="cpu")
     model.predict([("warm up", "the model")] * 4, batch_size=32, show_progress_bar=False)
     texts = _texts(work)
@@ -773,8 +778,12 @@ def skipped_lines(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"- {line}" for line in header_lines(report)]
-    lines += ["", "| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+
+    def cells(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+
+    lines += ["", cells(COLUMNS), cells(["---"] * len(COLUMNS))]
+    lines += [cells(row) for row in table_rows(report)]
     skipped = skipped_lines(report)
     if skipped:
         lines += ["", "Not run:", *(f"- {s}" for s in skipped)]

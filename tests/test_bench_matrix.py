@@ -155,6 +155,9 @@ def test_matrix_report_is_computed_from_its_own_numbers(
     assert fp32["ranking"]["top10_identical"] == 2
     assert int8["ranking"]["max_abs_score_diff"] > 0  # dynamic int8 really ran
     assert "onnxruntime:float32: skipped" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table) == 2 + 1 + 2  # header, rule, the baseline, the two configurations run
+    assert {ln.replace("\\|", "").count("|") for ln in table} == {len(bench.COLUMNS) + 1}
 
 
 def test_matrix_spec_errors_and_defaults() -> None:
