@@ -13,6 +13,7 @@ scored in-process by the same engine and settings, with no server). BENCHMARKS.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.metadata
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,7 @@ def hardware() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "sidecar_threads": sidecar_threads(),
         "flags": {f: f in present for f in CPU_FLAGS},
         "native_bf16": cpu_has_native_bf16(),
         "versions": versions,
@@ -235,22 +237,48 @@ def matmul_gflops(dtype_name: str, size: int, min_seconds: float = 1.0) -> float
     return 2 * size**3 * n / elapsed / 1e9
 
 
+def sidecar_threads() -> int:
+    """The intra-op threads a `serve` on this machine gives its model: the usable cores where the sidecar
+    sets them (sidecar/threads.py), else PyTorch's default."""
+    try:
+        from sidecar.threads import usable_cores
+    except ImportError:
+        import torch
+
+        return int(torch.get_num_threads())
+    return usable_cores()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op threads at `n` inside the block (the baseline keeps PyTorch's default)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def ceilings(native_bf16: bool, size: int = 2048) -> dict[str, Any]:
-    """fp32 and bf16 matmul peaks at the thread count the sidecar's model thread uses (torch's default)."""
+    """fp32 and bf16 matmul peaks at the thread count the sidecar gives its model (`sidecar_threads`)."""
     import torch
 
     # Emulated bf16 runs at well under 1 GFLOP/s: a 2048^2 product would take a minute, 512^2 shows it.
     bf16_size = size if native_bf16 else 512
-    return {
-        "threads": torch.get_num_threads(),
-        "float32": {"gflops": matmul_gflops("float32", size), "size": size},
-        "bfloat16": {
-            "gflops": matmul_gflops("bfloat16", bf16_size),
-            "size": bf16_size,
-            "native": native_bf16,
-            "note": "native (AVX512-BF16/AMX)" if native_bf16 else "emulated: not a meaningful ceiling",
-        },
-    }
+    with torch_threads(sidecar_threads()):
+        return {
+            "threads": torch.get_num_threads(),
+            "float32": {"gflops": matmul_gflops("float32", size), "size": size},
+            "bfloat16": {
+                "gflops": matmul_gflops("bfloat16", bf16_size),
+                "size": bf16_size,
+                "native": native_bf16,
+                "note": "native (AVX512-BF16/AMX)" if native_bf16 else "emulated: not a meaningful ceiling",
+            },
+        }
 
 
 # ---- the work ---------------------------------------------------------------------------------
@@ -573,11 +601,12 @@ def _lone_and_compute(
 ) -> tuple[list[float], list[float]]:
     """The lone request through the idle server and its pure compute in this process, alternated, so
     that a machine whose load drifts weighs on both alike."""
-    compute = PureCompute(model_dir, serve_args, request)
-    lone, pure = [], []
-    for _ in range(args.lone_repeats):
-        lone.append(_lone(client, request))
-        pure.append(compute.run())
+    with torch_threads(sidecar_threads()):
+        compute = PureCompute(model_dir, serve_args, request)
+        lone, pure = [], []
+        for _ in range(args.lone_repeats):
+            lone.append(_lone(client, request))
+            pure.append(compute.run())
     del compute
     gc.collect()
     return lone, pure
@@ -688,7 +717,7 @@ def header_lines(report: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in hw["versions"].items() if v)
     return [
         f"CPU: {hw['cpu_model']}, {hw['usable_cpus']} usable of {hw['logical_cpus']} logical CPUs, "
-        f"torch threads {hw['torch_threads']}; flags: {flags}",
+        f"model threads {hw['sidecar_threads']} (torch's default {hw['torch_threads']}); flags: {flags}",
         f"versions: {versions}",
         f"ceiling ({ceil['threads']} threads): float32 {ceil['float32']['gflops']:.0f} GFLOP/s "
         f"({ceil['float32']['size']}^2 matmul), bfloat16 {ceil['bfloat16']['gflops']:.1f} GFLOP/s "

@@ -114,6 +114,7 @@ def test_matrix_report_is_computed_from_its_own_numbers(
     ceil = report["ceilings"]
     assert ceil["float32"]["gflops"] > 0 and ceil["bfloat16"]["gflops"] > 0
     assert ceil["bfloat16"]["native"] == hw["native_bf16"]
+    assert ceil["threads"] == hw["sidecar_threads"] >= 1
 
     wl = report["workload"]
     assert [r["query"] for r in wl["requests"]] == [QUERIES[0]["text"], QUERIES[1]["text"]]
