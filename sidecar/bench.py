@@ -801,6 +801,27 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+# Issue 13's goals, checked here and never in timed tests: throughput against the baseline at concurrency 8,
+# and a lone request's latency against its pure compute.
+GOAL_RATIO = 3.0
+GOAL_LONE = 1.2
+
+
+def goal_lines(report: dict[str, Any]) -> list[str]:
+    ran = [r for r in report["configs"] if r["status"] == "ok"]
+    fast = [f"{r['label']} {r['ratio']:.2f}x" for r in ran if r["ratio"] >= GOAL_RATIO]
+    lone = [r for r in ran if r.get("lone")]
+    close = [f"{r['label']} {r['lone']['ratio']:.2f}" for r in lone if r["lone"]["ratio"] <= GOAL_LONE]
+    return [
+        f">= {GOAL_RATIO:.1f}x the baseline at concurrency {report['concurrency']}: "
+        + (", ".join(fast) or "none")
+        + " (quality: check nDCG@10 with the guard; agreement above)",
+        f"lone request within {GOAL_LONE}x of its pure compute: "
+        + (", ".join(close) or "none")
+        + f" (of {len(lone)} measured)",
+    ]
+
+
 def skipped_lines(report: dict[str, Any]) -> list[str]:
     return [f"{r['label']}: {r['status']}: {r['reason']}" for r in report["configs"] if r["status"] != "ok"]
 
@@ -813,6 +834,7 @@ def markdown(report: dict[str, Any]) -> str:
 
     lines += ["", cells(COLUMNS), cells(["---"] * len(COLUMNS))]
     lines += [cells(row) for row in table_rows(report)]
+    lines += ["", "Goals:", *(f"- {g}" for g in goal_lines(report))]
     skipped = skipped_lines(report)
     if skipped:
         lines += ["", "Not run:", *(f"- {s}" for s in skipped)]
@@ -830,6 +852,8 @@ def _print(console: Any, report: dict[str, Any]) -> None:
     for row in table_rows(report):
         table.add_row(*row)
     console.print(table)
+    for line in goal_lines(report):
+        console.print(f"goal: {line}", highlight=False)
     for line in skipped_lines(report):
         console.print(f"not run: {line}", highlight=False)
 

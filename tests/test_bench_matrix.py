@@ -156,6 +156,10 @@ def test_matrix_report_is_computed_from_its_own_numbers(
     assert fp32["ranking"]["top10_identical"] == 2
     assert int8["ranking"]["max_abs_score_diff"] > 0  # dynamic int8 really ran
     assert "onnxruntime:float32: skipped" in md
+    # the goal lines name exactly the configurations whose own figures meet them
+    fast = [lb for lb in ("torch:float32", "torch:int8") if by_label[lb]["ratio"] >= bench.GOAL_RATIO]
+    goal = next(ln for ln in md.splitlines() if "x the baseline at concurrency" in ln)
+    assert all((lb in goal) == (lb in fast) for lb in ("torch:float32", "torch:int8"))
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert len(table) == 2 + 1 + 2  # header, rule, the baseline, the two configurations run
     assert {ln.replace("\\|", "").count("|") for ln in table} == {len(bench.COLUMNS) + 1}
