@@ -690,6 +690,7 @@ def _measure_config(
             "p50_s": lone_p50,
             "pure_compute_s": compute,
             "pure_compute_p50_s": compute_p50,
+            "pure_compute_gflops": workload["flops_first_request"] / compute_p50 / 1e9,
             "ratio": lone_p50 / compute_p50,
         }
     return row

@@ -122,6 +122,9 @@ def test_matrix_report_is_computed_from_its_own_numbers(
     assert wl["pairs"] == 2 * len(CORPUS)
     assert wl["max_length"] == MAX_LENGTH
     assert wl["flops_total"] == pytest.approx(_expected_flops(model_dir, wl["requests"]), rel=1e-9)
+    assert wl["flops_first_request"] == pytest.approx(
+        _expected_flops(model_dir, wl["requests"][:1]), rel=1e-9
+    )
 
     base = report["baseline"]
     assert base["pairs_per_s"] == pytest.approx(wl["pairs"] / base["wall_s"])
@@ -145,6 +148,9 @@ def test_matrix_report_is_computed_from_its_own_numbers(
         assert len(lone["latencies_s"]) == len(lone["pure_compute_s"]) == 2
         assert lone["ratio"] == pytest.approx(
             statistics.median(lone["latencies_s"]) / statistics.median(lone["pure_compute_s"])
+        )
+        assert lone["pure_compute_gflops"] == pytest.approx(
+            wl["flops_first_request"] / lone["pure_compute_p50_s"] / 1e9
         )
         assert r["ranking"]["queries"] == 2
         assert f"sidecar {label}" in md and f"sidecar {label}" in printed
