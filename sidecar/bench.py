@@ -431,6 +431,10 @@ def _baseline(
 # ---- one configuration ------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """`serve` exited before serving; the message is its own reason."""
+
+
 def _sidecar(
     model_dir: Path,
     work: list,
@@ -444,19 +448,25 @@ def _sidecar(
     from sidecar.client import RerankerClient
     from sidecar.launch import SidecarProcess
 
-    with (
-        SidecarProcess(["--model", str(model_dir), *serve_args], log_path=log_path) as sc,
-        RerankerClient(sc.grpc_target) as client,
-    ):
-        info = client.info()
-        client.rerank("warm up", ["the model"] * 4)
-        run = _load(client, work, args.concurrency, progress, label)
-        if args.lone_repeats > 0:
-            progress.console.print(
-                f"{label}: a lone request x{args.lone_repeats}, alternated with its pure compute in-process",
-                highlight=False,
-            )
-            run["lone"], run["compute"] = _lone_and_compute(client, model_dir, serve_args, work[0], args)
+    sc = SidecarProcess(["--model", str(model_dir), *serve_args], log_path=log_path)
+    try:
+        sc.start()
+    except RuntimeError as exc:  # it exited before serving: its log says why
+        raise Refused(refusal(log_path.read_text(errors="replace")) or str(exc)) from None
+    try:
+        with RerankerClient(sc.grpc_target) as client:
+            info = client.info()
+            client.rerank("warm up", ["the model"] * 4)
+            run = _load(client, work, args.concurrency, progress, label)
+            if args.lone_repeats > 0:
+                progress.console.print(
+                    f"{label}: a lone request x{args.lone_repeats}, "
+                    "alternated with its pure compute in-process",
+                    highlight=False,
+                )
+                run["lone"], run["compute"] = _lone_and_compute(client, model_dir, serve_args, work[0], args)
+    finally:
+        sc.stop()
     run["info"] = {
         "runtime": getattr(info, "runtime", None) or "torch",
         "dtype": info.dtype,
@@ -661,9 +671,8 @@ def _measure_config(
         log_path = Path(tmp) / "serve.log"
         try:
             side = _sidecar(model_dir, work, serve_args, args, progress, config.label, log_path)
-        except RuntimeError as exc:  # the sidecar refused the settings at start: its log says why
-            reason = refusal(log_path.read_text(errors="replace")) or str(exc)
-            return {**row, "status": "refused", "reason": reason}
+        except Refused as exc:
+            return {**row, "status": "refused", "reason": str(exc)}
     base = report["baseline"]
     workload = report["workload"]
     ceiling = _ceiling_for(side["info"]["dtype"])

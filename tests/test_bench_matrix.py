@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -88,6 +89,20 @@ def _expected_flops(model_dir: Path, requests: list[dict]) -> float:
     return total
 
 
+def _serve_children() -> list[int]:
+    """This process's `serve` children still alive (Linux /proc)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"sidecar serve" in cmd:
+            out.append(int(proc.name))
+    return out
+
+
 def test_matrix_report_is_computed_from_its_own_numbers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -106,6 +121,8 @@ def test_matrix_report_is_computed_from_its_own_numbers(
     rc, report, md = _run(tmp_path, model_dir, "--matrix", "torch:float32,torch:int8,onnxruntime:float32")
     assert rc == 0
     printed = capsys.readouterr().out
+    if Path("/proc/self/stat").exists():
+        assert _serve_children() == []  # every configuration's sidecar was stopped
 
     hw = report["hardware"]
     assert hw["cpu_model"] and hw["torch_threads"] >= 1
