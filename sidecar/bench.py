@@ -435,6 +435,17 @@ class Refused(Exception):
     """`serve` exited before serving; the message is its own reason."""
 
 
+class Failed(Exception):
+    """A configuration that served but could not be measured (a request failed); the message says how."""
+
+
+def _rpc_failure(exc: Exception) -> str:
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        return f"a request failed: {code().name}: {details()}"
+    return f"a request failed: {exc}"
+
+
 def _sidecar(
     model_dir: Path,
     work: list,
@@ -445,6 +456,8 @@ def _sidecar(
     log_path: Path,
 ) -> dict[str, Any]:
     """The served configuration under `concurrency` clients, then its lone request (concurrency 1)."""
+    import grpc
+
     from sidecar.client import RerankerClient
     from sidecar.launch import SidecarProcess
 
@@ -456,7 +469,10 @@ def _sidecar(
     try:
         with RerankerClient(sc.grpc_target) as client:
             info = client.info()
-            client.rerank("warm up", ["the model"] * 4)
+            try:
+                client.rerank("warm up", ["the model"] * 2)
+            except grpc.RpcError as exc:
+                raise Failed(_rpc_failure(exc)) from None
             run = _load(client, work, args.concurrency, progress, label)
             if args.lone_repeats > 0:
                 progress.console.print(
@@ -483,11 +499,14 @@ def _documents(docs: list) -> list[Any]:
 
 
 def _load(client: Any, work: list, concurrency: int, progress: Any, label: str) -> dict[str, Any]:
+    import grpc
+
     lock = threading.Lock()
     todo = list(enumerate(work))
     latencies: list[float] = []
     queue_s: list[float] = []
     scores: dict[int, np.ndarray] = {}
+    errors: list[grpc.RpcError] = []
     task = progress.add_task(f"{label}: {concurrency} concurrent clients", total=len(work))
 
     def worker() -> None:
@@ -497,7 +516,13 @@ def _load(client: Any, work: list, concurrency: int, progress: Any, label: str) 
                     return
                 i, (q, docs) = todo.pop(0)
             t0 = time.perf_counter()
-            result = client.rerank(q, _documents(docs), timeout=3600)
+            try:
+                result = client.rerank(q, _documents(docs), timeout=3600)
+            except grpc.RpcError as exc:  # reported as this configuration's failure
+                with lock:
+                    errors.append(exc)
+                    todo.clear()
+                return
             elapsed = time.perf_counter() - t0
             s = np.empty(len(docs), dtype=np.float32)
             for h in result.hits:
@@ -515,6 +540,8 @@ def _load(client: Any, work: list, concurrency: int, progress: Any, label: str) 
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    if errors:
+        raise Failed(_rpc_failure(errors[0]))
     return {
         "wall": wall,
         "latencies": latencies,
@@ -673,6 +700,8 @@ def _measure_config(
             side = _sidecar(model_dir, work, serve_args, args, progress, config.label, log_path)
         except Refused as exc:
             return {**row, "status": "refused", "reason": str(exc)}
+        except Failed as exc:
+            return {**row, "status": "failed", "reason": str(exc)}
     base = report["baseline"]
     workload = report["workload"]
     ceiling = _ceiling_for(side["info"]["dtype"])

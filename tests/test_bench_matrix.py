@@ -5,6 +5,7 @@ the numbers it was computed from (and the FLOP count against the model's own con
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -12,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from sidecar import bench
+from sidecar.progress import progress_display
 from tests.eval.beir_helpers import write_beir
 
 MAX_LENGTH = 64
@@ -238,3 +241,18 @@ def test_nothing_runnable_stops_before_timing_anything(
     out, err = capsys.readouterr()
     assert out.count("skipped: onnxruntime cannot be imported") == 2
     assert "nothing to benchmark on this machine" in err and "ceiling" not in out
+
+
+def test_a_configuration_whose_requests_fail_is_reported_and_stopped(
+    tmp_path: Path, bert_ce_dir: Path
+) -> None:
+    """A sidecar that serves but answers every bench request with an error (3 documents, at most 2)."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--serve-arg=--max-documents=2", "--concurrency", "2"])
+    work = [("q", [(f"d{i}", "", f"document {i}") for i in range(3)])] * 2
+    with progress_display(Console(file=io.StringIO())) as progress:
+        row = bench._measure_config(bench.Config("torch", "float32"), bert_ce_dir, work, args, progress, {})
+    assert row["status"] == "failed"
+    assert row["reason"].startswith("a request failed: INVALID_ARGUMENT"), row["reason"]
+    assert _serve_children() == []
