@@ -968,6 +968,8 @@ def main(args: argparse.Namespace) -> int:
         ]
     del report["_baseline_scores"]
 
+    report["table"] = {"columns": list(COLUMNS), "rows": table_rows(report)}
+    report["goals"] = goal_lines(report)
     _print(console, report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

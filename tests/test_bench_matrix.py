@@ -186,6 +186,10 @@ def test_matrix_report_is_computed_from_its_own_numbers(
     fast = [lb for lb in ("torch:float32", "torch:int8") if by_label[lb]["ratio"] >= bench.GOAL_RATIO]
     goal = next(ln for ln in md.splitlines() if "x the baseline at concurrency" in ln)
     assert all((lb in goal) == (lb in fast) for lb in ("torch:float32", "torch:int8"))
+    assert report["table"]["columns"] == list(bench.COLUMNS) and len(report["table"]["rows"]) == 3
+    assert [row[3] for row in report["table"]["rows"][1:]] == [
+        f"{by_label[lb]['ratio']:.2f}" for lb in ("torch:float32", "torch:int8")
+    ]
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert len(table) == 2 + 1 + 2  # header, rule, the baseline, the two configurations run
     assert {ln.replace("\\|", "").count("|") for ln in table} == {len(bench.COLUMNS) + 1}
