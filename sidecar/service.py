@@ -127,8 +127,9 @@ class RerankService:
         ).set(1)
         if s.warmup:
             pairs = [Pair(WARMUP_QUERY, d) for d in WARMUP_DOCS]
+            measures = self.scorer.measure(pairs)
             await self.batcher.submit(
-                pairs, [m.tokens for m in self.scorer.measure(pairs)], loop.time() + 600
+                pairs, [m.tokens for m in measures], loop.time() + 600, None, [m.encoding for m in measures]
             )
         self._loaded = True
         self.metrics.ready.set(1)
@@ -325,7 +326,13 @@ class RerankService:
         try:
             if pairs and remaining > 0:
                 fresh, stats = await asyncio.wait_for(
-                    self.batcher.submit(pairs, [m.tokens for m in measures], deadline, progress),
+                    self.batcher.submit(
+                        pairs,
+                        [m.tokens for m in measures],
+                        deadline,
+                        progress,
+                        [m.encoding for m in measures],
+                    ),
                     remaining,
                 )
             elif progress is not None:
