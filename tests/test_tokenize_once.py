@@ -179,7 +179,7 @@ def test_the_model_thread_of_a_running_server_never_tokenizes(
         assert hits[-1].truncated and hits[-1].windows == 1
         assert abs(hits[-1].score - float(reference.predict([(q, docs[-1])])[0])) <= TOL
     else:
-        assert not hits[-1].truncated and hits[-1].windows > 1
+        assert hits[-1].windows > 1  # split, each window scored from its own encoding
 
 
 @pytest.mark.parametrize("depth", [2, 1])
