@@ -16,6 +16,7 @@ from sidecar.model_factory import PACKAGED_MODEL_NAME, packaged_embedding_model_
 from sidecar.scoring.base import Scorer
 from sidecar.scoring.device import resolve
 from sidecar.settings import Settings
+from sidecar.threads import configure_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
 def _load(source: ModelSource, settings: Settings) -> Scorer:
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
     placement = resolve(settings.device, settings.dtype, settings.attention, settings.quantize)
+    configure_cpu_threads(placement.device)
     log.info(
         "loading %s as %s on %s (%s, %s)",
         source.model_id,
