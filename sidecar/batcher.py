@@ -72,6 +72,9 @@ class _Job:
     abandoned: bool = False  # cancelled by the client or timed out in the front end
     progress: Progress | None = None  # set: scored in queue order, each score published as it comes
     encodings: Sequence[object | None] | None = None  # per pair, Measure.encoding (tokenized once)
+    # Set by the model thread when one of its batches failed: a batch formed to follow drops its pairs
+    # before the loop has answered the failure.
+    failed_in_model: bool = False
 
     @property
     def dead(self) -> bool:
@@ -388,16 +391,21 @@ class Batcher:
         """The model thread's part: drop what died while the batch waited (a pre-formed batch waits for
         the one before it), tell the loop the rest is taken, and score it."""
         started = loop.time()
-        live = [i for i in batch if not i.job.dead and started <= i.job.deadline]
+        live = [i for i in batch if not (i.job.dead or i.job.failed_in_model) and started <= i.job.deadline]
         if not live:
             return _Ran(live, np.zeros(0, dtype=np.float32), started, started)
         loop.call_soon_threadsafe(self._begin, live)
         pairs = [i.job.pairs[i.index] for i in live]
         encodings = [i.job.encodings[i.index] if i.job.encodings is not None else None for i in live]
-        if any(e is None for e in encodings):
-            scores = self.scorer.score(pairs)
-        else:
-            scores = self.scorer.score(pairs, encodings)
+        try:
+            if any(e is None for e in encodings):
+                scores = self.scorer.score(pairs)
+            else:
+                scores = self.scorer.score(pairs, encodings)
+        except Exception:
+            for item in live:
+                item.job.failed_in_model = True
+            raise
         if len(scores) != len(live):
             raise ValueError(f"the scorer returned {len(scores)} scores for {len(live)} pairs")
         return _Ran(live, scores, started, loop.time())
