@@ -6,7 +6,8 @@ the batch up with other requests' pairs no longer than those (no added padding):
 arrival order, batches are length-sorted, and small requests pack together.
 The queue is bounded in pairs and refuses at once when full. Pairs whose request expired or was
 cancelled are dropped before they reach the model. The model runs in one worker thread; the event loop
-never blocks on it.
+never blocks on it, and forms the next batch while one runs so the model thread never waits for it.
+Each pair carries the encoding its request's measuring made, so the model thread does not tokenize.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 # The window of the queue considered for one batch, in multiples of the token budget: wider windows
 # sort better (less padding) at the cost of a longer scan.
 WINDOW_BUDGETS = 4
+# Batches out to the model thread at once: the one running and the one formed to follow it.
+PIPELINE_DEPTH = 2
 
 
 def batch_cost(lengths: Sequence[int], padding_free: bool) -> int:
@@ -76,6 +80,10 @@ class _Job:
     stats: BatchStats = field(default_factory=BatchStats)
     abandoned: bool = False  # cancelled by the client or timed out in the front end
     progress: Progress | None = None  # set: scored in queue order, each score published as it comes
+    encodings: Sequence[object | None] | None = None  # per pair, Measure.encoding (tokenized once)
+    # Set by the model thread when one of its batches failed: a batch formed to follow drops its pairs
+    # before the loop has answered the failure.
+    failed_in_model: bool = False
 
     @property
     def dead(self) -> bool:
@@ -87,6 +95,16 @@ class _Item:
     job: _Job
     index: int
     tokens: int
+
+
+class _Ran(NamedTuple):
+    """A batch back from the model thread: the pairs it scored (those still wanted when it started),
+    their scores, and when it started and ended (loop time)."""
+
+    items: list[_Item]
+    scores: np.ndarray
+    started: float
+    ended: float
 
 
 class Batcher:
@@ -114,7 +132,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._running: set[_Job] = set()  # jobs with pairs in the batch being scored
+        self._running: set[_Job] = set()  # jobs with pairs in the batches out to the model thread
+        self.pipeline_depth = PIPELINE_DEPTH  # 1: each batch is formed after the last one ended
         # Resolved with the exception that stopped the loop, if one ever does.
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         # Batch log for tests and debugging: (number of pairs, number of distinct jobs) per batch.
@@ -134,13 +153,15 @@ class Batcher:
         tokens: Sequence[int],
         deadline: float,
         progress: Progress | None = None,
+        encodings: Sequence[object | None] | None = None,
     ) -> tuple[np.ndarray, BatchStats]:
         """Score `pairs` (with their token counts) before `deadline` (loop time).
 
         Raises Overloaded at once when the queue cannot take them, NotReady after close().
         Cancelling the awaiting task abandons the job: its queued pairs never reach the model.
         With `progress`, the pairs are scored in the order given and every batch's scores land in it, so
-        the caller keeps what was scored even when the job fails or is cancelled.
+        the caller keeps what was scored even when the job fails or is cancelled. `encodings`: the
+        pairs' `Measure.encoding`s, handed to the scorer with them so it does not tokenize again.
         """
         if self._closed:
             raise NotReady("the sidecar is shutting down; retry on another replica")
@@ -168,6 +189,7 @@ class Batcher:
             remaining=n,
             queued=n,
             progress=progress,
+            encodings=encodings,
         )
         self._queue.extend(_Item(job, i, max(1, t)) for i, t in enumerate(tokens))
         self._queued_pairs += n
@@ -194,8 +216,11 @@ class Batcher:
         self._queue.clear()
         self._queued_pairs = 0
         # A batch still in the model is not waited for: its requests were answered when the drain
-        # ended, and the process exits right after.
-        self._executor.shutdown(wait=False)
+        # ended, and the process exits right after. One formed to follow it never starts.
+        for job in self._running:
+            if not job.future.done():
+                job.future.set_exception(NotReady("the sidecar shut down before this request ran"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- internals ----------------------------------------------------------------------------
     def _abandon(self, job: _Job, reason: str) -> None:
@@ -237,16 +262,53 @@ class Batcher:
         self.metrics.queue_pairs.set(0)
 
     async def _loop(self) -> None:
+        """Form a batch, hand it to the model thread, and while it runs form the next one when the queue
+        already holds a full batch: the model thread goes from one batch straight to the next, never
+        waiting on this loop. At most `PIPELINE_DEPTH` batches are out at once, so what arrives later
+        can still join the batch after."""
         loop = asyncio.get_running_loop()
+        out: deque[tuple[list[_Item], asyncio.Future[_Ran]]] = deque()
         while True:
-            if not self._queue:
+            if len(out) < self.pipeline_depth and self._queue and (not out or self._full_batch_queued()):
+                if not out:
+                    await self._fill(loop)
+                batch = self._next_batch(loop)
+                self.metrics.queue_pairs.set(self._queued_pairs)
+                if batch:
+                    self._running.update(i.job for i in batch)
+                    out.append((batch, loop.run_in_executor(self._executor, self._score, batch, loop)))
+                continue
+            if not out:
                 self._arrived.clear()
                 await self._arrived.wait()
-            await self._fill(loop)
-            batch = self._next_batch(loop)
-            self.metrics.queue_pairs.set(self._queued_pairs)
-            if batch:
-                await self._execute(batch, loop)
+                continue
+            oldest = out[0][1]
+            if len(out) < self.pipeline_depth:
+                # An arrival may complete a batch to form while this one runs.
+                self._arrived.clear()
+                arrival: asyncio.Future[Any] = asyncio.ensure_future(self._arrived.wait())
+                try:
+                    await asyncio.wait([oldest, arrival], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrival.cancel()
+            else:
+                await asyncio.wait({oldest})
+            if oldest.done():
+                batch, _ = out.popleft()
+                self._finish(batch, oldest, loop)
+                self._running = {i.job for b, _ in out for i in b}
+
+    def _full_batch_queued(self) -> bool:
+        """The queue holds at least a full batch of live pairs (by tokens or by pairs)."""
+        tokens = pairs = 0
+        for item in self._queue:
+            if item.job.dead:
+                continue
+            tokens += item.tokens
+            pairs += 1
+            if tokens >= self.max_batch_tokens or pairs >= self.max_batch_pairs:
+                return True
+        return False
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Under light load, wait up to max_wait for more pairs before running a partial batch."""
@@ -311,10 +373,9 @@ class Batcher:
                 else:
                     stopped.add(id(item.job))
         taken = {id(i) for i in batch}
-        # Put back what was not taken, in its original (FIFO) order.
+        # Put back what was not taken, in its original (FIFO) order. The batch's pairs count as queued
+        # until it reaches the model (`_begin`).
         self._queue.extendleft(reversed([i for i in window if id(i) not in taken]))
-        for item in batch:
-            self._take(item)
         return batch
 
     def _fits(self, batch: list[_Item], item: _Item) -> bool:
@@ -340,19 +401,41 @@ class Batcher:
                 )
             )
 
-    async def _execute(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+    def _score(self, batch: list[_Item], loop: asyncio.AbstractEventLoop) -> _Ran:
+        """The model thread's part: drop what died while the batch waited (a pre-formed batch waits for
+        the one before it), tell the loop the rest is taken, and score it."""
         started = loop.time()
-        jobs = list(dict.fromkeys(i.job for i in batch))
-        for job in jobs:
-            if job.stats.batches == 0:
-                job.stats.queue_seconds = started - job.enqueued_at
-                self.metrics.queue_seconds.observe(job.stats.queue_seconds)
-        pairs = [i.job.pairs[i.index] for i in batch]
-        self._running = set(jobs)
+        live = [i for i in batch if not (i.job.dead or i.job.failed_in_model) and started <= i.job.deadline]
+        if not live:
+            return _Ran(live, np.zeros(0, dtype=np.float32), started, started)
+        loop.call_soon_threadsafe(self._begin, live)
+        pairs = [i.job.pairs[i.index] for i in live]
+        encodings = [i.job.encodings[i.index] if i.job.encodings is not None else None for i in live]
         try:
-            scores = await loop.run_in_executor(self._executor, self.scorer.score, pairs)
-            if len(scores) != len(batch):
-                raise ValueError(f"the scorer returned {len(scores)} scores for {len(batch)} pairs")
+            if any(e is None for e in encodings):
+                scores = self.scorer.score(pairs)
+            else:
+                scores = self.scorer.score(pairs, encodings)
+        except Exception:
+            for item in live:
+                item.job.failed_in_model = True
+            raise
+        if len(scores) != len(live):
+            raise ValueError(f"the scorer returned {len(scores)} scores for {len(live)} pairs")
+        return _Ran(live, scores, started, loop.time())
+
+    def _begin(self, live: list[_Item]) -> None:
+        """A batch reached the model: its pairs leave the queue's count."""
+        for item in live:
+            self._take(item)
+        self.metrics.queue_pairs.set(self._queued_pairs)
+
+    def _finish(
+        self, batch: list[_Item], done: asyncio.Future[_Ran], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        jobs = list(dict.fromkeys(i.job for i in batch))
+        try:
+            ran = done.result()
         except Exception:
             log.exception("scoring a batch of %d pairs failed", len(batch))
             for job in jobs:
@@ -361,7 +444,19 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(InternalError("scoring failed"))
             return
-        elapsed = loop.time() - started
+        batch = ran.items
+        for job in jobs:
+            if not job.dead and job.deadline < ran.started:
+                self._expire(job)  # its pairs were dropped before the model: the deadline had passed
+        if not batch:
+            return
+        jobs = list(dict.fromkeys(i.job for i in batch))
+        for job in jobs:
+            if job.stats.batches == 0:
+                job.stats.queue_seconds = ran.started - job.enqueued_at
+                self.metrics.queue_seconds.observe(job.stats.queue_seconds)
+        elapsed = ran.ended - ran.started
+        scores = ran.scores
         self.batch_log.append((len(batch), len(jobs)))
         m = self.metrics
         m.inference_seconds.observe(elapsed)
@@ -382,4 +477,3 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(job.scores)
-        self._running = set()

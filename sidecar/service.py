@@ -40,6 +40,7 @@ from sidecar.metrics import Metrics
 from sidecar.score_cache import CachedScore, Entry, ScoreCache, WindowedScore
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.settings import Settings
+from sidecar.threads import tokenize_workers, usable_cores
 from sidecar.types import (
     HitStatus,
     ModelInfo,
@@ -72,8 +73,11 @@ class RerankService:
         self.batcher: Batcher | None = None
         self._loaded = False
         self._draining = False
-        # Tokenising (measuring) runs beside inference so a big request never blocks the event loop.
-        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        # Tokenising (measuring) runs beside inference so a big request never blocks the event loop; it
+        # leaves the cores to the model (sidecar/threads.py).
+        self._prep = ThreadPoolExecutor(
+            max_workers=tokenize_workers(usable_cores()), thread_name_prefix="tokenize"
+        )
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -128,8 +132,9 @@ class RerankService:
         self.metrics.runtime_info.labels(info.runtime, info.dtype).set(1)
         if s.warmup:
             pairs = [Pair(WARMUP_QUERY, d) for d in WARMUP_DOCS]
+            measures = self.scorer.measure(pairs)
             await self.batcher.submit(
-                pairs, [m.tokens for m in self.scorer.measure(pairs)], loop.time() + 600
+                pairs, [m.tokens for m in measures], loop.time() + 600, None, [m.encoding for m in measures]
             )
         self._loaded = True
         self.metrics.ready.set(1)
@@ -334,7 +339,13 @@ class RerankService:
         try:
             if pairs and remaining > 0:
                 fresh, stats = await asyncio.wait_for(
-                    self.batcher.submit(pairs, [m.tokens for m in measures], deadline, progress),
+                    self.batcher.submit(
+                        pairs,
+                        [m.tokens for m in measures],
+                        deadline,
+                        progress,
+                        [m.encoding for m in measures],
+                    ),
                     remaining,
                 )
             elif progress is not None:

@@ -49,12 +49,12 @@ class RecordingScorer(Scorer):
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         return self.inner.token_offsets(text)
 
-    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
         self.batches.append(list(pairs))
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(timeout=60)
-        return self.inner.score(pairs)
+        return self.inner.score(pairs, encodings)
 
     @property
     def seen(self) -> list[Pair]:
@@ -97,11 +97,11 @@ class FailingScorer(RecordingScorer):
         super().__init__(inner)
         self.poison = poison
 
-    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
         if any(p.query == self.poison for p in pairs):
             self.batches.append(list(pairs))
             raise RuntimeError("injected scorer failure")
-        return super().score(pairs)
+        return super().score(pairs, encodings)
 
 
 def break_batcher_loop(batcher: object) -> None:

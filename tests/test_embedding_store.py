@@ -17,9 +17,9 @@ def _count_embedded(scorer) -> list[str]:  # type: ignore[no-untyped-def]
     seen: list[str] = []
     real = scorer._embed
 
-    def embed(texts):  # type: ignore[no-untyped-def]
+    def embed(texts, encodings=None):  # type: ignore[no-untyped-def]
         seen.extend(texts)
-        return real(texts)
+        return real(texts, encodings)
 
     scorer._embed = embed
     return seen

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from sidecar.scoring.base import Pair, clip_text
+from sidecar.scoring.encodings import Padding, TokenIds, collate, token_ids
+
+log = logging.getLogger(__name__)
 
 
 def quiet_transformers() -> None:
@@ -46,10 +50,11 @@ def quantize_int8(model: Any, placement: Any) -> None:
 
 class SentenceTransformersScorer:
     """Loads a sentence-transformers model class with our device, dtype, attention and quantisation,
-    and measures token lengths on a private tokenizer copy. Subclasses add `score`."""
+    and measures token lengths (and encodes) on a private tokenizer copy. Subclasses add `score`."""
 
     backend = ""
     engine_output = "scores"  # what the engine returns: "scores" or "sentence_embedding"
+    max_length: int
 
     def __init__(self, model_cls: Any, source: Any, placement: Any, settings: Any, **kwargs: Any) -> None:
         import copy
@@ -86,6 +91,7 @@ class SentenceTransformersScorer:
         # and scoring (the model thread) must never share one, and measuring is serialised.
         self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)
         self._measure_lock = threading.Lock()
+        self._padding = Padding.of(self.model.tokenizer)
         self._device = torch.device(placement.device)
 
     def _featurize(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -117,6 +123,70 @@ class SentenceTransformersScorer:
                 first, second, truncation=False, add_special_tokens=True, verbose=False
             )
         return [len(ids) for ids in enc["input_ids"]]
+
+    def _encode(self, first: list[str], second: list[str] | None = None) -> list[TokenIds]:
+        """Token ids of texts or text pairs as the model reads them: truncated at max_length as
+        sentence-transformers' `preprocess` truncates ('longest_first'), special tokens in."""
+        with self._measure_lock:
+            enc = self._measure_tokenizer(
+                first,
+                second,
+                truncation="longest_first",
+                max_length=self.max_length,
+                add_special_tokens=True,
+                return_attention_mask=False,
+                verbose=False,
+            )
+        return token_ids(enc)
+
+    def _encode_measured(
+        self, first: list[str], second: list[str] | None, clipped: Sequence[Pair | None]
+    ) -> tuple[list[TokenIds], list[bool]]:
+        """`_encode`, and per row whether the text was longer than the model reads. A clipped row was
+        (`clip_text` keeps more than max_length tokens); only a row that fills max_length exactly is
+        counted again untruncated, and its text is already clipped to about max_length tokens."""
+        encodings = self._encode(first, second)
+        truncated = [c is not None for c in clipped]
+        full = [i for i, e in enumerate(encodings) if len(e) >= self.max_length and not truncated[i]]
+        if full:
+            lengths = self._token_lengths(
+                [first[i] for i in full], [second[i] for i in full] if second is not None else None
+            )
+            for i, n in zip(full, lengths, strict=True):
+                truncated[i] = n > self.max_length
+        return encodings, truncated
+
+    def _exact_collate(self, first: list[str], second: list[str] | None = None) -> dict[str, Any] | None:
+        """What `collate` lacks of `preprocess`'s features (non-tensor entries such as the modality) when
+        its tensors equal `preprocess`'s for these texts; None when they differ (an input module that is
+        not a plain tokenizer): the scorer then tokenizes in `score` as sentence-transformers does."""
+        import torch
+
+        inputs: list[Any] = list(zip(first, second, strict=True)) if second is not None else list(first)
+        try:
+            reference = self.model.preprocess(inputs)
+            ours = collate(self._encode(first, second), self._padding)
+        except Exception:  # an input module we cannot mirror: the reference path still works
+            log.info(
+                "%s: no encodings while measuring; tokenizing in score", self.source.model_id, exc_info=True
+            )
+            return None
+        tensors = {k: v for k, v in reference.items() if isinstance(v, torch.Tensor)}
+        if tensors.keys() != ours.keys() or not all(torch.equal(tensors[k], ours[k]) for k in ours):
+            log.info(
+                "%s: encodings made while measuring differ from preprocess; tokenizing in score",
+                self.source.model_id,
+            )
+            return None
+        return {k: v for k, v in reference.items() if not isinstance(v, torch.Tensor)}
+
+    def _probe_texts(self) -> tuple[list[str], list[str]]:
+        """Pairs that exercise truncation from either side and padding, for `_exact_collate`."""
+        long = "relevance of a long passage " * (self.max_length // 2 + 1)
+        return (
+            ["what does a reranker do", "q", long],
+            ["A reranker scores each candidate.", long, "short document"],
+        )
 
     def _count(self, text: str) -> int:
         with self._measure_lock:

@@ -1,8 +1,9 @@
 """The scorer boundary: one call, `score(pairs) -> floats`, behind which backends swap.
 
-Tokenisation, the forward pass and post-processing are private stages of each backend. The batcher
-also asks a scorer to `measure` pairs (tokens after truncation, and whether truncation happened) so it
-can pack batches by a token budget.
+Tokenisation, the forward pass and post-processing are private stages of each backend. The service
+asks a scorer to `measure` pairs in its tokenize threads (tokens after truncation, whether truncation
+happened, and, where the backend can, the encoding the model will read), so the batcher can pack
+batches by a token budget and the model thread is handed the encodings instead of tokenizing again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Measure(NamedTuple):
     # The pair cut down to what the model can read (see `clip_text`); None when nothing was cut. The
     # service scores this one, so no stage after measuring holds or tokenizes a document whole.
     clipped: Pair | None = None
+    # What the model reads of the pair, made once in the tokenize threads (opaque outside the scorer
+    # that made it; `sidecar.scoring.encodings` for the sentence-transformers scorers). The batcher
+    # hands these to `score` with the pairs; None where the backend tokenizes in `score` itself.
+    encoding: object | None = None
 
 
 # Clipping reads a document in growing prefixes, starting at this many characters per token it needs:
@@ -65,8 +70,12 @@ class Scorer(ABC):
         """Token count per pair after truncation; cheap (tokeniser only)."""
 
     @abstractmethod
-    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
-        """One float32 score per pair, in order. Called from one worker thread at a time."""
+    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+        """One float32 score per pair, in order. Called from one worker thread at a time.
+
+        `encodings`: the pairs' `Measure.encoding`s from this scorer's `measure`; with them the model
+        thread only stacks them into tensors (pre), runs the model (core) and post-processes (post).
+        """
 
     # ---- long documents (sidecar/windows.py); backends that cannot window return None ----------
     def window_budget(self, pair: Pair) -> int | None:

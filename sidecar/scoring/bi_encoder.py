@@ -7,6 +7,9 @@ Document embeddings do not depend on the query, so the most recent ones are kept
 document seen before costs no forward pass at all, and a long document costs the cache no more than a
 short one. With `embedding_cache_dir` they also persist on disk (`embedding_store`), across restarts
 and replays, under the same keys.
+
+Tokenize once: `measure` (tokenize threads) encodes each pair's query and document (truncated token
+ids, checked at load to equal `preprocess`); `score` (model thread) only stacks the ones it embeds.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sidecar.scoring._st import SentenceTransformersScorer, model_max_length
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
+from sidecar.scoring.encodings import TokenIds, collate
 from sidecar.settings import Settings
 
 # What one cache entry costs beyond its float32 vector: the 16-byte key, the numpy array object and
@@ -74,6 +78,13 @@ class EmbeddingCache:
                 self.bytes -= evicted.nbytes + ENTRY_OVERHEAD_BYTES
 
 
+class PairEncoding(NamedTuple):
+    """A pair's encodings for a bi-encoder: query and document are embedded apart."""
+
+    query: TokenIds
+    document: TokenIds
+
+
 class BiEncoderScorer(SentenceTransformersScorer, Scorer):
     backend = "bi-encoder"
     engine_output = "sentence_embedding"
@@ -94,15 +105,32 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
             self._store = EmbeddingStore(
                 settings.embedding_cache_dir, source.revision, self.dtype_name, self.max_length
             )
+        # Non-tensor features preprocess adds (the modality); None: measure makes no encodings.
+        first, second = self._probe_texts()
+        self._extras = self._exact_collate(first + second)
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
         # The model reads at most max_length tokens of a document, so no more of it matters.
         pairs, clipped = self._clip(pairs, self.max_length)
-        lengths = self._token_lengths([p.document for p in pairs])
+        encodings: list[PairEncoding] | list[None] = [None] * len(pairs)
+        if self._extras is None:
+            lengths = self._token_lengths([p.document for p in pairs])
+            truncated = [n > self.max_length for n in lengths]
+        else:
+            docs, truncated = self._encode_measured([p.document for p in pairs], None, clipped)
+            lengths = [len(d) for d in docs]
+            queries = list(dict.fromkeys((p.instruction or "") + p.query for p in pairs))
+            query_ids = dict(zip(queries, self._encode(queries), strict=True))
+            encodings = [
+                PairEncoding(query_ids[(p.instruction or "") + p.query], d)
+                for p, d in zip(pairs, docs, strict=True)
+            ]
         cached = [text_key(p.document) in self.cache for p in pairs] if self.cache.max_bytes else []
         # A cached document costs (almost) nothing to score, which the batcher's token budget should know.
         return [
-            Measure(1 if cached and cached[i] else min(n, self.max_length), n > self.max_length, clipped[i])
+            Measure(
+                1 if cached and cached[i] else min(n, self.max_length), truncated[i], clipped[i], encodings[i]
+            )
             for i, n in enumerate(lengths)
         ]
 
@@ -110,28 +138,33 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
         # The document is embedded alone: its window needs room only for the special tokens.
         return self.max_length - self._token_lengths([""])[0]
 
-    def _embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
+    def _embed(self, texts: list[str], encodings: list[TokenIds] | None = None):  # type: ignore[no-untyped-def]
+        """Normalised embeddings of `texts`, from their encodings when given (pre: stacking only)."""
         import torch
 
-        features = self.model.preprocess(texts)
+        if encodings is not None and self._extras is not None:
+            features = {**collate(encodings, self._padding), **self._extras}
+        else:
+            features = self.model.preprocess(texts)
         emb = self.engine.run(features)
         return torch.nn.functional.normalize(emb, p=2, dim=1)
 
-    def _documents(self, texts: list[str]):  # type: ignore[no-untyped-def]
+    def _documents(self, texts: list[str], encodings: list[TokenIds] | None):  # type: ignore[no-untyped-def]
         import torch
 
         if self.cache.max_bytes <= 0 and self._store is None:
-            return self._embed(texts)
+            return self._embed(texts, encodings)
         keys = [text_key(t) for t in texts]
         known: dict[bytes, Any] = {k: torch.from_numpy(v) for k, v in self.cache.get(keys).items()}
         missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in known}
+        encoded = dict(zip(keys, encodings, strict=True)) if encodings is not None else None
         if missing and self._store is not None:
             for k, v in self._store.get_many(list(missing)).items():
                 self.cache.put(k, v)
                 known[k] = torch.from_numpy(v)
                 del missing[k]
         if missing:
-            fresh = self._embed(list(missing.values()))
+            fresh = self._embed(list(missing.values()), [encoded[k] for k in missing] if encoded else None)
             host = fresh.cpu().numpy()
             if self._store is not None:
                 self._store.put_many(list(missing), host)
@@ -140,14 +173,24 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
                 known[k] = fresh[i]
         return torch.stack([known[k].to(self._device) for k in keys])
 
-    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
         import torch
 
-        queries = list(dict.fromkeys((p.instruction or "") + p.query for p in pairs))
+        texts = [(p.instruction or "") + p.query for p in pairs]
+        queries = list(dict.fromkeys(texts))
         q_row = {q: i for i, q in enumerate(queries)}
+        q_ids: list[TokenIds] | None = None
+        d_ids: list[TokenIds] | None = None
+        if encodings is not None and self._extras is not None:
+            own = [e for e in encodings if isinstance(e, PairEncoding)]
+            if len(own) != len(pairs):
+                raise TypeError("encodings must be this scorer's own (Measure.encoding from its measure)")
+            first = {t: e.query for t, e in zip(texts, own, strict=True)}
+            q_ids = [first[q] for q in queries]
+            d_ids = [e.document for e in own]
         with torch.inference_mode():
-            q_emb = self._embed(queries)
-            d_emb = self._documents([p.document for p in pairs])
+            q_emb = self._embed(queries, q_ids)
+            d_emb = self._documents([p.document for p in pairs], d_ids)
             rows = torch.tensor([q_row[(p.instruction or "") + p.query] for p in pairs], device=q_emb.device)
             scores = (q_emb[rows] * d_emb).sum(dim=1)
         return scores.cpu().numpy().astype(np.float32)

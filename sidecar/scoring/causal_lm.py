@@ -203,7 +203,9 @@ class CausalLMScorer(Scorer):
         return {"input_ids": input_ids.to(self._device), "attention_mask": mask.to(self._device)}
 
     # ---- core + post ----------------------------------------------------------------------------
-    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+        # Encodings come through the cache `measure` fills (prompt tokens depend on the family).
+        del encodings
         ids = self._encode(pairs)
         if self._generates:
             return self._generate_scores(ids)

@@ -5,18 +5,24 @@ rerankers packaged for sentence-transformers >= 5.4 (chat template + LogitScore 
 Loading and the module stack come from sentence-transformers, so scores follow `CrossEncoder.predict`
 semantics (the model's own activation function); batching, ordering and precision are ours. For a
 LogitScore model the request's instruction is `predict`'s `prompt` (the chat template places it).
+
+Tokenize once: `measure` (tokenize threads) makes each pair's truncated token ids, checked at load to
+equal what `preprocess` gives; `score` (model thread) only pads and stacks them (pre), runs the model
+(core) and applies the activation (post). Chat rerankers tokenize in `score` through their template.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from sidecar.scoring._st import SentenceTransformersScorer, model_max_length
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
+from sidecar.scoring.encodings import TokenIds, collate
 from sidecar.settings import Settings
 
 
@@ -43,6 +49,8 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
                 0, self._chat_length("", "", None) - self._token_lengths([""], [""])[0]
             )
             self.info = dataclasses.replace(self.info, accepts_instruction=True)
+        # Non-tensor features preprocess adds (the modality); None: measure makes no encodings.
+        self._extras = None if self._chat else self._exact_collate(*self._probe_texts())
 
     @staticmethod
     def _texts(pairs: Sequence[Pair]) -> list[tuple[str, str]]:
@@ -70,6 +78,12 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
             lengths = [
                 n + self._template_tokens + extra[p.instruction] for n, p in zip(lengths, pairs, strict=True)
             ]
+        elif self._extras is not None:
+            texts = self._texts(pairs)
+            encodings, truncated = self._encode_measured(
+                [q for q, _ in texts], [d for _, d in texts], clipped
+            )
+            return [Measure(len(e), t, c, e) for e, t, c in zip(encodings, truncated, clipped, strict=True)]
         else:
             texts = self._texts(pairs)
             lengths = self._token_lengths([q for q, _ in texts], [d for _, d in texts])
@@ -87,21 +101,33 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
             fixed = self._token_lengths([query], [""])[0]
         return self.max_length - fixed
 
-    def score(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+        if encodings is not None and self._extras is not None:
+            return self._forward(self._collate(encodings))
         if not self._chat:
-            return self._forward(self._texts(pairs), None)
+            return self._forward(self._preprocess(self._texts(pairs), None))
         # One prompt per preprocess call: pairs are grouped by instruction.
         out = np.empty(len(pairs), dtype=np.float32)
         for instruction in dict.fromkeys(p.instruction for p in pairs):
             rows = [i for i, p in enumerate(pairs) if p.instruction == instruction]
-            out[rows] = self._forward([(pairs[i].query, pairs[i].document) for i in rows], instruction)
+            texts = [(pairs[i].query, pairs[i].document) for i in rows]
+            out[rows] = self._forward(self._preprocess(texts, instruction))
         return out
 
-    def _forward(self, texts: list[tuple[str, str]], prompt: str | None) -> np.ndarray:
+    # ---- pre: features from encodings made while measuring, or from the texts ------------------
+    def _collate(self, encodings: Sequence[object]) -> dict[str, Any]:
+        if not all(isinstance(e, TokenIds) for e in encodings):
+            raise TypeError("encodings must be this scorer's own (Measure.encoding from its measure)")
+        return {**collate(encodings, self._padding), **(self._extras or {})}  # type: ignore[arg-type]
+
+    def _preprocess(self, texts: list[tuple[str, str]], prompt: str | None) -> dict[str, Any]:
+        return self.model.preprocess(texts, prompt=prompt) if prompt else self.model.preprocess(texts)
+
+    # ---- core + post --------------------------------------------------------------------------
+    def _forward(self, features: dict[str, Any]) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            features = self.model.preprocess(texts, prompt=prompt) if prompt else self.model.preprocess(texts)
             scores = self.engine.run(features)
             if self.model.activation_fn is not None:
                 scores = self.model.activation_fn(scores)

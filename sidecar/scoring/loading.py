@@ -16,6 +16,7 @@ from sidecar.model_factory import PACKAGED_MODEL_NAME, packaged_embedding_model_
 from sidecar.scoring.base import Scorer
 from sidecar.scoring.runtimes import placement_for, resolve_runtime
 from sidecar.settings import Settings
+from sidecar.threads import configure_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def _load(source: ModelSource, settings: Settings) -> Scorer:
             "use --runtime torch"
         )
     placement = placement_for(settings)
+    configure_cpu_threads(placement.device)
     log.info(
         "loading %s as %s on %s (runtime %s, %s, %s)",
         source.model_id,
