@@ -355,3 +355,24 @@ def test_gpu_check_says_in_one_line_when_there_is_no_gpu() -> None:
         "gpu_check: no CUDA device visible to PyTorch; this check needs an NVIDIA GPU (docs/gpu.md)"
     ]
     assert proc.stderr == ""
+
+
+def test_torch_engine_runs_packed_batches_where_chosen(model_dirs: dict[str, Path]) -> None:
+    """The serving hook: the PyTorch engine packs only on CUDA + flash-attn (never on this CPU), and when
+    told to pack it returns the padded forward's raw scores and tells the batcher to budget real tokens."""
+    from sidecar.scoring.device import Placement
+    from sidecar.scoring.runtimes import EngineSpec, TorchEngine, _packs
+
+    reference = _load(model_dirs["bert"], "sdpa")
+    packed_model = _load(model_dirs["bert"], packing.register_reference_attention())
+    cpu = Placement(device="cpu", dtype="float32", attention="sdpa")
+    spec = EngineSpec(packed_model, "scores", packed_model.preprocess, None, cpu)
+    assert not _packs(spec, cpu)
+    assert not _packs(spec, Placement(device="cuda", dtype="bfloat16", attention="sdpa"))
+
+    engine = TorchEngine(packed_model, "scores", torch.device("cpu"), "float32", False, packed=True)
+    assert engine.padding_free
+    features = packed_model.preprocess(_pairs())
+    with torch.inference_mode():
+        padded = reference(reference.preprocess(_pairs()))["scores"].float().reshape(-1)
+    np.testing.assert_allclose(engine.run(features).numpy(), padded.numpy(), atol=1e-4, rtol=0)

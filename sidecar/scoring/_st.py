@@ -87,6 +87,8 @@ class SentenceTransformersScorer:
             EngineSpec(self.model, self.engine_output, self._featurize, source, placement), settings
         )
         self.dtype_name = self.engine.precision
+        # Read once by the batcher: packed batches are budgeted in real tokens, padded ones in n x longest.
+        self.padding_free = bool(getattr(self.engine, "padding_free", False))
         # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
         # and scoring (the model thread) must never share one, and measuring is serialised.
         self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)

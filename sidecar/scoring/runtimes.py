@@ -151,14 +151,25 @@ class Engine(ABC):
 class TorchEngine(Engine):
     runtime = "torch"
 
-    def __init__(self, model: Any, output: str, device: Any, precision: str, autocast: bool) -> None:
+    def __init__(
+        self, model: Any, output: str, device: Any, precision: str, autocast: bool, packed: bool = False
+    ) -> None:
         self.model, self.output, self.device, self.precision = model, output, device, precision
         self._autocast = autocast
+        # CUDA + flash-attn: batches run as one packed row without padding (sidecar/scoring/packing.py),
+        # and the batcher counts their budget in real tokens.
+        self.padding_free = packed
 
     def run(self, features: dict[str, Any]) -> Any:
         import contextlib
 
         import torch
+
+        if self.padding_free:
+            from sidecar.scoring import packing
+
+            with torch.inference_mode():
+                return packing.packed_forward(self.model, features)
 
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
         moved = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
@@ -229,7 +240,12 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
         import torch
 
         return TorchEngine(
-            spec.model, spec.output, torch.device(placement.device), precision, bf16_autocast(placement)
+            spec.model,
+            spec.output,
+            torch.device(placement.device),
+            precision,
+            bf16_autocast(placement),
+            packed=_packs(spec, placement),
         )
     _refuse_unexportable(spec, runtime)
     # Only static int8 reads calibration data (ONNX Runtime's dynamic int8 measures each batch).
@@ -264,6 +280,21 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
     if runtime == "openvino":
         return _load_openvino(folder, inputs, spec.output, placement, precision)
     return _load_onnxruntime(folder, inputs, spec.output, precision)
+
+
+def _packs(spec: EngineSpec, placement: Placement) -> bool:
+    """Whether the PyTorch engine runs batches packed without padding: cross-encoders on CUDA with
+    flash-attn varlen. Where it cannot, one log line says why."""
+    if spec.output != "scores" or not placement.device.startswith("cuda"):
+        return False
+    if placement.attention != "flash_attention_2":
+        return False
+    from sidecar.scoring import packing
+
+    reason = packing.why_not_packed(spec.model)
+    if reason:
+        log.info("batches stay padded: %s", reason)
+    return reason is None
 
 
 def _refuse_unexportable(spec: EngineSpec, runtime: str) -> None:
