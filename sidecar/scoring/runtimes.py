@@ -9,7 +9,9 @@ keyed by the model's content hash and the export settings, so a restart does not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -161,8 +163,6 @@ class TorchEngine(Engine):
         self.padding_free = packed
 
     def run(self, features: dict[str, Any]) -> Any:
-        import contextlib
-
         import torch
 
         if self.padding_free:
@@ -354,12 +354,14 @@ def _export_openvino(
             {n: _numpy(v) for n, v in spec.featurize(chunk).items() if n in inputs}
             for chunk in _chunks(pairs, CALIBRATION_BATCH)
         ]
-        model = nncf.quantize(
-            model,
-            nncf.Dataset(batches),
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(batches) * CALIBRATION_BATCH,
-        )
+        # NNCF draws progress bars on stdout; a server log is no place for them.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = nncf.quantize(
+                model,
+                nncf.Dataset(batches),
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(batches) * CALIBRATION_BATCH,
+            )
     ov.save_model(model, out / "model.xml", compress_to_fp16=False)
 
 
