@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.model_factory import PACKAGED_MODEL_NAME, packaged_embedding_model_dir
+from sidecar.scoring.auto_runtime import MODEL_DIR_RECORD, resolve_settings
 from sidecar.scoring.base import Scorer
 from sidecar.scoring.device import resolve
 from sidecar.settings import Settings
@@ -54,6 +55,8 @@ def _content_revision(path: Path) -> str:
     """A short content hash of the weights and configs, so Info names exactly what is serving."""
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
+        if f.name == MODEL_DIR_RECORD:
+            continue  # the guard's record describes the weights; it must not change their hash
         if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.suffix == ".json"):
             h.update(str(f.relative_to(path)).encode())
             with f.open("rb") as fh:
@@ -199,6 +202,9 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
 
 def _load(source: ModelSource, settings: Settings) -> Scorer:
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
+    if backend != "causal-lm":
+        settings, why = resolve_settings(settings, source)
+        log.info("precision: %s", why)
     placement = resolve(settings.device, settings.dtype, settings.attention, settings.quantize)
     log.info(
         "loading %s as %s on %s (%s, %s)",
