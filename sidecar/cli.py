@@ -182,11 +182,14 @@ def _rerank(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
+    from pathlib import PurePath
+
     from sidecar.settings import Settings, env_name, flag_name
 
     print("| flag | env | default | what it does, and the trade-off |\n| --- | --- | --- | --- |")
     for name, field in Settings.model_fields.items():
-        print(f"| `{flag_name(name)}` | `{env_name(name)}` | `{field.default!r}` | {field.description} |")
+        default = str(field.default) if isinstance(field.default, PurePath) else field.default
+        print(f"| `{flag_name(name)}` | `{env_name(name)}` | `{default!r}` | {field.description} |")
     return 0
 
 

@@ -103,6 +103,7 @@ def settings_for(model: str | None, config: GuardConfig, **extra: Any):  # type:
 
     fields: dict[str, Any] = {
         "model": model,
+        "runtime": config.runtime,
         "device": "cpu",
         "dtype": config.dtype,
         "quantize": config.quantize,
@@ -111,10 +112,6 @@ def settings_for(model: str | None, config: GuardConfig, **extra: Any):  # type:
         "embedding_cache_bytes": EMBEDDING_CACHE_BYTES,
         **extra,
     }
-    if "runtime" in Settings.model_fields:
-        fields["runtime"] = config.runtime
-    elif config.runtime != "torch":
-        raise ValueError(f"this build has no runtime setting: {config.key} cannot be loaded")
     return Settings(**fields)
 
 
@@ -258,6 +255,24 @@ def compare(cands: Candidates, ref: Scored, got: Scored, ref_ndcg: float) -> dic
     }
 
 
+def unmeasured(config: GuardConfig, error: str) -> dict[str, Any]:
+    """The row of a configuration that failed to load or run: failed, with the reason."""
+    return {
+        "runtime": config.runtime,
+        "dtype": config.dtype,
+        "quantize": config.quantize,
+        "precision": config.precision,
+        "ndcg@10": None,
+        "delta": None,
+        "max_abs_diff": None,
+        "top10_order_kept": None,
+        "top10_set_overlap": None,
+        "pairs_per_s": None,
+        "passed": False,
+        "error": error,
+    }
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -298,6 +313,8 @@ def run_guard(
     chosen = list(configs) if configs else default_configs(cpu_has_native_bf16(), runtimes_available())
     if chosen[0] != REFERENCE:
         chosen = [REFERENCE] + [c for c in chosen if c != REFERENCE]
+    from sidecar.scoring.runtimes import model_content_id
+
     source = resolve_source(model, None)
     backend = detect_backend(source)
     cands = bm25_candidates(dataset_dir, split, queries, depth, cache_root=cache_root, progress=progress)
@@ -310,14 +327,19 @@ def run_guard(
         scores_out["candidates"] = cands
         scores_out[REFERENCE.key] = ref.scores
     for config in chosen[1:]:
-        got = score_config(model, config, cands, progress=progress, settings_extra=settings_extra)
+        try:
+            got = score_config(model, config, cands, progress=progress, settings_extra=settings_extra)
+        except Exception as exc:  # a configuration that cannot run is recorded as failed, not fatal
+            log.warning("guard: %s could not be measured: %s", config.key, exc)
+            rows.append(unmeasured(config, f"{type(exc).__name__}: {exc}"))
+            continue
         rows.append(compare(cands, ref, got, ref_ndcg))
         if scores_out is not None:
             scores_out[config.key] = got.scores
     bm25 = {q: np.asarray(cands.bm25_scores[q], dtype=np.float32) for q in cands.qids}
     return {
         "format": RECORD_FORMAT,
-        "model": {"id": source.model_id, "revision": source.revision, "backend": backend},
+        "model": {"id": source.model_id, "revision": model_content_id(source), "backend": backend},
         "dataset": {
             "name": cands.dataset,
             "split": split,
@@ -363,6 +385,9 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
         f"{'top10 set':>9} {'pairs/s':>8}  verdict",
     ]
     for r in record["configs"]:
+        if r.get("error"):
+            lines.append(f"{r['runtime'] + '/' + r['precision']:<26} not measured: {r['error']}")
+            continue
         pps = f"{r['pairs_per_s']:.1f}" if r["pairs_per_s"] is not None else "-"
         lines.append(
             f"{r['runtime'] + '/' + r['precision']:<26} {r['ndcg@10']:>8.4f} {r['delta']:>+8.4f} "

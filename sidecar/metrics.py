@@ -128,6 +128,12 @@ class Metrics:
             ["model", "revision", "backend", "device", "dtype"],
             registry=r,
         )
+        self.runtime_info = Gauge(
+            "reranker_runtime_info",
+            "The inference runtime (torch, openvino, onnxruntime) and its precision (value is always 1).",
+            ["runtime", "precision"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -125,6 +125,7 @@ class RerankService:
         self.metrics.model_info.labels(
             info.model_id, info.revision, info.backend, info.device, info.dtype
         ).set(1)
+        self.metrics.runtime_info.labels(info.runtime, info.dtype).set(1)
         if s.warmup:
             pairs = [Pair(WARMUP_QUERY, d) for d in WARMUP_DOCS]
             await self.batcher.submit(
@@ -132,7 +133,14 @@ class RerankService:
             )
         self._loaded = True
         self.metrics.ready.set(1)
-        log.info("serving %s (%s on %s, %s)", info.model_id, info.backend, info.device, info.dtype)
+        log.info(
+            "serving %s (%s on %s, runtime %s, %s)",
+            info.model_id,
+            info.backend,
+            info.device,
+            info.runtime,
+            info.dtype,
+        )
 
     def _resolve_default_fusion(self) -> FusionSpec:
         from sidecar.scoring.loading import local_model_dir
@@ -184,6 +192,7 @@ class RerankService:
             server_version=__version__,
             default_fusion=self.default_fusion,
             ready=self.ready,
+            runtime=model.runtime,
         )
 
     @contextlib.contextmanager

@@ -92,6 +92,8 @@ class ModelInfo:
     attention: str
     max_length: int
     accepts_instruction: bool
+    # The inference runtime: "torch", "openvino" or "onnxruntime" (sidecar/scoring/runtimes.py).
+    runtime: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class ServiceInfo:
     server_version: str
     default_fusion: FusionSpec
     ready: bool
+    runtime: str
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,16 @@ class SentenceTransformersScorer:
     and measures token lengths on a private tokenizer copy. Subclasses add `score`."""
 
     backend = ""
+    engine_output = "scores"  # what the engine returns: "scores" or "sentence_embedding"
 
     def __init__(self, model_cls: Any, source: Any, placement: Any, settings: Any, **kwargs: Any) -> None:
         import copy
+        import dataclasses
         import threading
 
         import torch
+
+        from sidecar.scoring.runtimes import EngineSpec, build_engine, load_dtype
 
         quiet_transformers()
         self.placement = placement
@@ -64,20 +68,32 @@ class SentenceTransformersScorer:
             revision=None if source.local else source.revision,
             local_files_only=source.local,
             trust_remote_code=settings.trust_remote_code,
-            model_kwargs={"dtype": placement.torch_dtype(), "attn_implementation": placement.attention},
+            model_kwargs={
+                "dtype": dataclasses.replace(placement, dtype=load_dtype(settings, placement)).torch_dtype(),
+                "attn_implementation": placement.attention,
+            },
             **kwargs,
         )
         self.model.eval()
-        self.dtype_name = placement.dtype
-        if settings.quantize == "int8":
+        if settings.quantize == "int8" and settings.runtime == "torch":
             quantize_int8(self.model, placement)
-            self.dtype_name = "int8-dynamic"
+        self.source = source
+        self.engine = build_engine(
+            EngineSpec(self.model, self.engine_output, self._featurize, source, placement), settings
+        )
+        self.dtype_name = self.engine.precision
         # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
         # and scoring (the model thread) must never share one, and measuring is serialised.
         self._measure_tokenizer = copy.deepcopy(self.model.tokenizer)
         self._measure_lock = threading.Lock()
         self._device = torch.device(placement.device)
-        self.source = source
+
+    def _featurize(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        """Model features for (query, document) pairs: the pairs for a cross-encoder, every text
+        alone for a bi-encoder (export examples and int8 calibration)."""
+        if self.engine_output == "scores":
+            return self.model.preprocess(pairs)  # type: ignore[no-any-return]
+        return self.model.preprocess([q for q, _ in pairs] + [d for _, d in pairs])  # type: ignore[no-any-return]
 
     def _model_info(self, max_length: int) -> Any:
         from sidecar.types import ModelInfo
@@ -88,6 +104,7 @@ class SentenceTransformersScorer:
             backend=self.backend,
             device=str(self._device),
             dtype=self.dtype_name,
+            runtime=self.engine.runtime,
             attention=self.placement.attention,
             max_length=max_length,
             accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),

@@ -155,39 +155,29 @@ def choose(
 
 
 def runtimes_available() -> set[str]:
-    """Runtimes this installation can load through the scorer: torch always; OpenVINO and ONNX Runtime when
-    their packages import and the settings have a `runtime` field to ask for them with."""
+    """Runtimes this installation can load: torch always; OpenVINO and ONNX Runtime when their packages
+    (the [cpu] extra) import."""
     import importlib.util
 
-    from sidecar.settings import Settings
+    from sidecar.scoring.runtimes import _MODULES
 
     out = {"torch"}
-    if "runtime" in Settings.model_fields:
-        for name in ("openvino", "onnxruntime"):
-            if importlib.util.find_spec(name) is not None:
-                out.add(name)
+    for runtime, modules in _MODULES.items():
+        if all(importlib.util.find_spec(m) is not None for m in modules):
+            out.add(runtime)
     return out
 
 
 def default_export_cache_dir() -> Path:
-    """The settings' export cache: $RERANK_EXPORT_CACHE_DIR, else the field's default, else
-    ~/.cache/rerank-sidecar/exports."""
-    import os
-
+    """The settings' export cache ($RERANK_EXPORT_CACHE_DIR, else its default)."""
     from sidecar.settings import Settings
 
-    env = os.environ.get("RERANK_EXPORT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    field = Settings.model_fields.get("export_cache_dir")
-    if field is not None and field.default is not None:
-        return Path(field.default).expanduser()
-    return Path("~/.cache/rerank-sidecar/exports").expanduser()
+    return Path(Settings().export_cache_dir).expanduser()  # type: ignore[call-arg]
 
 
 def record_path(export_cache_dir: Path, revision: str) -> Path:
     """Where the guard record of the model with content hash `revision` is kept."""
-    safe = revision.replace(":", "-").replace("/", "_")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in revision)
     return Path(export_cache_dir).expanduser() / "guard" / f"{safe}.json"
 
 
@@ -202,8 +192,10 @@ def _read(path: Path) -> dict[str, Any] | None:
 def find_record(settings: Settings, source: ModelSource) -> tuple[dict[str, Any] | None, str]:
     """The guard record for `source` (export cache first, then the model directory) and where it came from;
     (None, why not) when there is none that fits this model."""
-    cache_dir = getattr(settings, "export_cache_dir", None) or default_export_cache_dir()
-    places = [record_path(Path(cache_dir), source.revision)]
+    from sidecar.scoring.runtimes import model_content_id
+
+    revision = model_content_id(source)
+    places = [record_path(Path(settings.export_cache_dir), revision)]
     if source.local:
         places.append(Path(source.path_or_id) / MODEL_DIR_RECORD)
     problems = []
@@ -211,7 +203,7 @@ def find_record(settings: Settings, source: ModelSource) -> tuple[dict[str, Any]
         if not place.is_file():
             continue
         record = _read(place)
-        problem = "not a JSON object" if record is None else record_problem(record, source.revision)
+        problem = "not a JSON object" if record is None else record_problem(record, revision)
         if problem is None:
             return record, str(place)
         problems.append(f"{place}: {problem}")
@@ -233,17 +225,22 @@ def _on_cuda(device: str) -> bool:
 
 
 def resolve_settings(settings: Settings, source: ModelSource) -> tuple[Settings, str]:
-    """The settings to load with (dtype, quantize and runtime made concrete on a CPU) and why, in one line."""
-    runtime = getattr(settings, "runtime", "auto")
-    if settings.dtype != "auto":
-        return settings, f"--dtype {settings.dtype} as configured"
-    if _on_cuda(settings.device):
+    """The settings to load with (runtime, dtype and quantize made concrete on a CPU) and why, in one line.
+
+    An explicit `--dtype` is never second-guessed (`--runtime auto` is then torch); on CUDA `auto` stays
+    bf16 and is not guarded. Otherwise the guard record decides, within an explicit `--runtime` or
+    `--quantize int8` when one is given.
+    """
+    runtime = settings.runtime
+    if settings.dtype != "auto" or _on_cuda(settings.device):
+        if runtime == "auto":
+            settings = settings.model_copy(update={"runtime": "torch"})
+        if settings.dtype != "auto":
+            return settings, f"{settings.runtime} with --dtype {settings.dtype} as configured"
         return settings, "CUDA: --dtype auto is bfloat16 (float16 without bf16); not guarded"
     record, where = find_record(settings, source)
     choice = choose(record, this_machine(), runtime=runtime, quantize=settings.quantize)
-    update: dict[str, Any] = {"dtype": choice.dtype, "quantize": choice.quantize}
-    if "runtime" in type(settings).model_fields:
-        update["runtime"] = choice.runtime
+    update = {"runtime": choice.runtime, "dtype": choice.dtype, "quantize": choice.quantize}
     reason = f"{choice.runtime}/{choice.precision}: {choice.reason}"
     if record is not None:
         reason += f" (record {where})"

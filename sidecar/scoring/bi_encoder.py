@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sidecar.scoring._st import SentenceTransformersScorer, model_max_length, to_device
+from sidecar.scoring._st import SentenceTransformersScorer, model_max_length
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
 from sidecar.settings import Settings
@@ -76,6 +76,7 @@ class EmbeddingCache:
 
 class BiEncoderScorer(SentenceTransformersScorer, Scorer):
     backend = "bi-encoder"
+    engine_output = "sentence_embedding"
 
     def __init__(self, source, placement: Placement, settings: Settings) -> None:  # type: ignore[no-untyped-def]
         from sentence_transformers import SentenceTransformer
@@ -113,7 +114,7 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
         import torch
 
         features = self.model.preprocess(texts)
-        emb = self.model(to_device(features, self._device))["sentence_embedding"].float()
+        emb = self.engine.run(features)
         return torch.nn.functional.normalize(emb, p=2, dim=1)
 
     def _documents(self, texts: list[str]):  # type: ignore[no-untyped-def]

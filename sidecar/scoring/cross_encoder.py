@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sidecar.scoring._st import SentenceTransformersScorer, model_max_length, to_device
+from sidecar.scoring._st import SentenceTransformersScorer, model_max_length
 from sidecar.scoring.base import Measure, Pair, Scorer
 from sidecar.scoring.device import Placement
 from sidecar.settings import Settings
@@ -102,8 +102,7 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
 
         with torch.inference_mode():
             features = self.model.preprocess(texts, prompt=prompt) if prompt else self.model.preprocess(texts)
-            out = self.model(to_device(features, self._device))
-            scores = out["scores"].float()
+            scores = self.engine.run(features)
             if self.model.activation_fn is not None:
                 scores = self.model.activation_fn(scores)
             return scores.reshape(-1).cpu().numpy().astype(np.float32)

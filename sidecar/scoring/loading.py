@@ -15,7 +15,7 @@ from pathlib import Path
 from sidecar.model_factory import PACKAGED_MODEL_NAME, packaged_embedding_model_dir
 from sidecar.scoring.auto_runtime import MODEL_DIR_RECORD, resolve_settings
 from sidecar.scoring.base import Scorer
-from sidecar.scoring.device import resolve
+from sidecar.scoring.runtimes import placement_for, resolve_runtime
 from sidecar.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -203,14 +203,22 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
 def _load(source: ModelSource, settings: Settings) -> Scorer:
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
     if backend != "causal-lm":
+        # `--dtype auto` / `--runtime auto` on a CPU: what the quality guard allows (sidecar/guard.py).
         settings, why = resolve_settings(settings, source)
         log.info("precision: %s", why)
-    placement = resolve(settings.device, settings.dtype, settings.attention, settings.quantize)
+    settings = resolve_runtime(settings, source)
+    if backend == "causal-lm" and settings.runtime != "torch":
+        raise ModelLoadError(
+            f"--runtime {settings.runtime} cannot run causal-LM rerankers ({source.model_id}): "
+            "use --runtime torch"
+        )
+    placement = placement_for(settings)
     log.info(
-        "loading %s as %s on %s (%s, %s)",
+        "loading %s as %s on %s (runtime %s, %s, %s)",
         source.model_id,
         backend,
         placement.device,
+        settings.runtime,
         placement.dtype,
         placement.attention,
     )
