@@ -98,10 +98,10 @@ def test_no_record_means_float32() -> None:
     assert not got.guarded and "cannot lose quality" in got.reason
     # A runtime shown to match torch in float32 may serve the fallback.
     assert choose(None, ALL, fp32_runtime="openvino").runtime == "openvino"
-    # An explicit --quantize int8 is honoured without a record, float32 for the rest (the documented
-    # command works whatever auto would pick), and says it is not guarded.
+    # An explicit --quantize int8 is honoured without a record (the documented command works whatever
+    # auto would pick; the rest is the runtime's own auto) and says it is not guarded.
     got = choose(None, ALL, quantize="int8")
-    assert (got.dtype, got.quantize, got.precision) == ("float32", "int8", "int8-dynamic")
+    assert (got.dtype, got.quantize, got.precision) == ("auto", "int8", "int8-dynamic")
     assert "not guarded" in got.reason
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sidecar.guard import ALL_CONFIGS, REFERENCE, run_guard
+from sidecar.guard import ALL_CONFIGS, REFERENCE, run_guard, summary_lines
 from tests.conftest import SCIFACT
 from tests.guard_checks import check_record
 
@@ -24,18 +24,27 @@ SLICE = {"split": "test", "queries": 10, "depth": 20}
 
 
 @pytest.fixture(scope="module")
-def packaged_guard() -> tuple[dict[str, Any], dict[str, Any]]:
+def packaged_guard(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (SCIFACT / "qrels" / "test.tsv").is_file():
         pytest.skip(f"SciFact not found at {SCIFACT}")
-    configs = [c for c in ALL_CONFIGS if c.runtime == "torch"]
+    configs = [c for c in ALL_CONFIGS if c.runtime == "torch" or c.key == "onnxruntime/int8"]
     scores: dict[str, Any] = {}
-    record = run_guard(None, SCIFACT, configs=configs, scores_out=scores, **SLICE)  # type: ignore[arg-type]
+    record = run_guard(
+        None,
+        SCIFACT,
+        configs=configs,
+        scores_out=scores,
+        settings_extra={"export_cache_dir": tmp_path_factory.mktemp("exports")},
+        **SLICE,  # type: ignore[arg-type]
+    )
     return record, scores
 
 
 def test_figures_match_an_independent_computation(packaged_guard: tuple[dict, dict]) -> None:
     record, scores = packaged_guard
-    assert [r["precision"] for r in record["configs"]] == ["float32", "bfloat16", "int8-dynamic"]
+    print("\n".join(summary_lines(record)))
+    keys = [f"{r['runtime']}/{r['precision']}" for r in record["configs"]]
+    assert keys == ["torch/float32", "torch/bfloat16", "torch/int8-dynamic", "onnxruntime/int8"]
     assert record["dataset"]["pairs"] == 200 and record["dataset"]["queries"] == 10
     assert record["model"]["backend"] == "bi-encoder"
     check_record(record, scores)
@@ -106,3 +115,29 @@ def test_guard_cli_writes_a_record(tmp_path: Path, capsys: pytest.CaptureFixture
     record = json.loads(out.read_text())
     assert record["dataset"]["pairs"] == 20 and len(record["configs"]) == 1
     assert "torch/float32" in capsys.readouterr().out
+
+
+def test_the_guard_fails_degraded_int8_and_auto_never_picks_it(packaged_guard: tuple[dict, dict]) -> None:
+    """On this slice both int8 configurations really degrade the packaged model: cosines move by up to 0.10,
+    no query keeps its top-10 order, and nDCG@10 drops by more than 0.005 (measured on the AVX512-BF16 EPYC:
+    torch dynamic int8 -0.0069, ONNX Runtime int8 -0.0106). The guard fails them, and `auto` never picks a
+    failed configuration, even when it is by far the fastest."""
+    from sidecar.scoring.auto_runtime import Offer, choose
+
+    record, _ = packaged_guard
+    rows = {f"{r['runtime']}/{r['precision']}": r for r in record["configs"]}
+    failed = {k for k, r in rows.items() if not r["passed"]}
+    assert failed and failed <= {"torch/int8-dynamic", "onnxruntime/int8"}, rows
+    for key in failed:
+        assert rows[key]["delta"] < -0.005 and rows[key]["max_abs_diff"] > 0.05
+        assert rows[key]["top10_order_kept"] < 0.5
+    fastest_failed = {
+        **record,
+        "configs": [
+            {**r, "pairs_per_s": r["pairs_per_s"] * (1000 if not r["passed"] else 1)}
+            for r in record["configs"]
+        ],
+    }
+    choice = choose(fastest_failed, Offer(native_bf16=True, runtimes=frozenset({"torch", "onnxruntime"})))
+    assert choice.guarded and f"{choice.runtime}/{choice.precision}" not in failed
+    assert rows[f"{choice.runtime}/{choice.precision}"]["passed"]

@@ -82,12 +82,14 @@ def passed(row: Mapping[str, Any]) -> bool:
 
 def _fallback(runtime: str, quantize: str, why: str) -> Choice:
     if quantize != "none":
+        # The user asked for int8: honoured, unguarded; the rest is what `auto` means for that runtime's
+        # int8 (torch: float32 activations; OpenVINO: bf16 where native), as without a guard.
         return Choice(
             runtime,
-            "float32",
+            "auto",
             quantize,
-            _precision(runtime, "float32", quantize),
-            f"{why}; int8 as asked (--quantize), float32 for the rest; not guarded",
+            "int8-dynamic" if runtime == "torch" else "int8",
+            f"{why}; int8 as asked (--quantize), not guarded",
             False,
         )
     return Choice(runtime, "float32", "none", "float32", f"{why}: float32, which cannot lose quality", False)
