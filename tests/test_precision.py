@@ -73,14 +73,13 @@ def test_packaged_model_auto_follows_its_shipped_guard_record(
 ) -> None:
     """The default model stays fast: `auto` takes the fastest configuration its record passed that the CPU
     can run (bf16 only with native bf16), chosen here from the record's rows by a plain max."""
-    from sidecar.model_factory import packaged_embedding_model_dir
-    from sidecar.scoring.auto_runtime import resolve_settings, runtimes_available
+    from sidecar.scoring.auto_runtime import PACKAGED_RECORD, resolve_settings, runtimes_available
     from sidecar.scoring.loading import resolve_source
     from sidecar.settings import Settings
 
     monkeypatch.setenv("RERANK_EXPORT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
-    record = json.loads((packaged_embedding_model_dir() / "guard.json").read_text())
+    record = json.loads(PACKAGED_RECORD.read_text())
     usable = [
         r
         for r in record["configs"]

@@ -74,11 +74,10 @@ def test_reference_scores_are_sentence_transformers_cosines(packaged_guard: tupl
 def test_packaged_record_is_measured_on_train_and_fits_the_packaged_weights() -> None:
     """The record `auto` uses for the default model: the packaged weights, SciFact train (never test), every
     verdict consistent with its own figures, and the reference first."""
-    from sidecar.model_factory import packaged_embedding_model_dir
-    from sidecar.scoring.auto_runtime import THRESHOLD, record_problem
+    from sidecar.scoring.auto_runtime import PACKAGED_RECORD, THRESHOLD, record_problem
     from sidecar.scoring.loading import resolve_source
 
-    path = packaged_embedding_model_dir() / "guard.json"
+    path = PACKAGED_RECORD
     record = json.loads(path.read_text())
     assert record_problem(record, resolve_source(None, None).revision) is None
     assert record["dataset"]["split"] == "train" and record["dataset"]["name"] == "scifact"

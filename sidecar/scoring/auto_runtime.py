@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 THRESHOLD = 0.005  # nDCG@10 a configuration may lose against torch float32 and still pass
 RECORD_FORMAT = "rerank-sidecar-guard/1"
-MODEL_DIR_RECORD = "guard.json"  # a record shipped inside a model directory (the packaged model has one)
+MODEL_DIR_RECORD = "guard.json"  # a record shipped inside a model directory
+# The packaged all-MiniLM-L6-v2's record (its weights live in another package), beside its fusion.json.
+PACKAGED_RECORD = Path(__file__).resolve().parents[1] / "data" / "all-minilm-l6-v2" / MODEL_DIR_RECORD
 GUARD_HINT = (
     "run `rerank-sidecar guard --model M --split train` to measure which faster precisions keep rankings"
 )
@@ -129,18 +131,9 @@ def choose(
     if not candidates:
         return _fallback(home, quantize, "no configuration the guard passed is available here")
     best = max(candidates, key=lambda r: float(r["pairs_per_s"]))
-    base = next(
-        (r for r in record["configs"] if r.get("runtime") == "torch" and r.get("precision") == "float32"),
-        None,
-    )
-    speed = (
-        f", {float(best['pairs_per_s']) / float(base['pairs_per_s']):.2f}x torch float32"
-        if base and base.get("pairs_per_s")
-        else ""
-    )
     ds = record.get("dataset") or {}
     reason = (
-        f"fastest configuration the quality guard passed{speed}: nDCG@10 {best['delta']:+.4f} against torch "
+        f"fastest configuration the quality guard passed: nDCG@10 {best['delta']:+.4f} against torch "
         f"float32 on {ds.get('name')} {ds.get('split')} ({ds.get('queries')} queries x top-{ds.get('depth')})"
     )
     return Choice(
@@ -200,6 +193,10 @@ def find_record(settings: Settings, source: ModelSource) -> tuple[dict[str, Any]
     places = [record_path(Path(settings.export_cache_dir), revision)]
     if source.local:
         places.append(Path(source.path_or_id) / MODEL_DIR_RECORD)
+        from sidecar.model_factory import packaged_embedding_model_dir
+
+        if Path(source.path_or_id).resolve() == packaged_embedding_model_dir().resolve():
+            places.append(PACKAGED_RECORD)
     problems = []
     for place in places:
         if not place.is_file():
