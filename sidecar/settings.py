@@ -80,14 +80,17 @@ class Settings(BaseSettings):
         description="Inference precision. 'auto' on a CPU is the fastest runtime x precision that the "
         "model's quality-guard record passed (lost at most 0.005 nDCG@10 against torch float32; "
         "`rerank-sidecar guard`, docs/quality-guard.md), float32 when the model has no record; on CUDA "
-        "it is bfloat16 (not guarded). bf16 keeps about 3 significant digits, int8 moves scores more; "
-        "float32 matches sentence-transformers within 1e-4.",
+        "it is bfloat16 (not guarded). Per runtime: docs/runtimes.md. bf16 keeps about 3 significant "
+        "digits, int8 moves scores more; float32 matches sentence-transformers within 1e-4.",
     )
     quantize: Literal["none", "int8"] = Field(
         "none",
-        description="CPU only: 'int8' quantises the Linear layers dynamically (int8 weights, fp32 "
-        "activations). 1.3x the fp32 baseline on an AVX2-only CPU (BENCHMARKS.md), but scores move and close "
-        "calls swap places, so check rankings on your data (`rerank-sidecar bench` reports agreement).",
+        description="CPU only: 'int8' runs the matrix products in int8. With --runtime torch the Linear "
+        "layers are quantised dynamically (int8 weights, fp32 activations; 1.3x the fp32 baseline on an "
+        "AVX2-only CPU, BENCHMARKS.md); openvino quantises statically with NNCF on --calibration-file, the "
+        "rest at --dtype; onnxruntime dynamically after graph fusion (docs/runtimes.md). Faster, but scores "
+        "move and close calls swap places, so check rankings on your data (`rerank-sidecar bench` and "
+        "scripts/precision_agreement.py report agreement).",
     )
     runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = Field(
         "auto",

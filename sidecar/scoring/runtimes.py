@@ -9,7 +9,9 @@ keyed by the model's content hash and the export settings, so a restart does not
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -156,8 +158,6 @@ class TorchEngine(Engine):
         self._autocast = autocast
 
     def run(self, features: dict[str, Any]) -> Any:
-        import contextlib
-
         import torch
 
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
@@ -232,11 +232,13 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
             spec.model, spec.output, torch.device(placement.device), precision, bf16_autocast(placement)
         )
     _refuse_unexportable(spec, runtime)
-    pairs = calibration_pairs(settings.calibration_file) if quantize == "int8" else []
+    # Only static int8 reads calibration data (ONNX Runtime's dynamic int8 measures each batch).
+    static_int8 = quantize == "int8" and runtime == "openvino"
+    pairs = calibration_pairs(settings.calibration_file) if static_int8 else []
     sample = spec.featurize([("what is a reranker", "A reranker orders documents."), ("q", "a b c d e f")])
     inputs = [n for n in INPUT_NAMES if n in sample]
     key = _cache_key(spec, runtime, quantize, pairs, inputs)
-    root = Path(settings.export_cache_dir).expanduser()
+    root = _writable_root(Path(settings.export_cache_dir).expanduser())
     folder = root / f"{_slug(spec.source.model_id)}-{runtime}-{quantize}-{key[:16]}"
     if folder.is_dir():
         log.info("export cache: reusing %s", folder)
@@ -246,9 +248,18 @@ def build_engine(spec: EngineSpec, settings: Any) -> Engine:
         )
         start = time.perf_counter()
         exporter = _export_openvino if runtime == "openvino" else _export_onnxruntime
-        _write_atomically(
-            folder, lambda tmp: exporter(spec, sample, inputs, quantize, pairs, tmp), _key_record(key, spec)
-        )
+        try:
+            _write_atomically(
+                folder,
+                lambda tmp: exporter(spec, sample, inputs, quantize, pairs, tmp),
+                _key_record(key, spec),
+            )
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise RuntimeUnavailable(
+                f"--runtime {runtime} could not export {spec.source.model_id} "
+                f"({type(exc).__name__}: {first}): use --runtime torch"
+            ) from exc
         log.info("export cache: exported in %.1fs", time.perf_counter() - start)
     if runtime == "openvino":
         return _load_openvino(folder, inputs, spec.output, placement, precision)
@@ -267,28 +278,25 @@ def _refuse_unexportable(spec: EngineSpec, runtime: str) -> None:
         )
 
 
-class _Core:
-    """Builds the torch module an exporter traces: the sentence-transformers stack with tensor inputs."""
+def _traceable(spec: EngineSpec, sample: dict[str, Any]) -> Any:
+    """The torch module an exporter traces: the sentence-transformers stack with tensor inputs."""
+    import torch
 
-    @staticmethod
-    def module(spec: EngineSpec, sample: dict[str, Any]) -> Any:
-        import torch
+    # Non-tensor features (e.g. sentence-transformers' `modality`) are constants of the graph.
+    extra = {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}
 
-        # Non-tensor features (e.g. sentence-transformers' `modality`) are constants of the graph.
-        extra = {k: v for k, v in sample.items() if not isinstance(v, torch.Tensor)}
+    class Core(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.st = spec.model
 
-        class Core(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.st = spec.model
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            features = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+            if token_type_ids is not None:
+                features["token_type_ids"] = token_type_ids
+            return self.st(features)[spec.output]
 
-            def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
-                features = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-                if token_type_ids is not None:
-                    features["token_type_ids"] = token_type_ids
-                return self.st(features)[spec.output]
-
-        return Core().eval()
+    return Core().eval()
 
 
 def _export_openvino(
@@ -302,7 +310,7 @@ def _export_openvino(
     import openvino as ov
     import torch
 
-    core = _Core.module(spec, sample)
+    core = _traceable(spec, sample)
     example = {n: sample[n] for n in inputs}
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
@@ -315,12 +323,14 @@ def _export_openvino(
             {n: _numpy(v) for n, v in spec.featurize(chunk).items() if n in inputs}
             for chunk in _chunks(pairs, CALIBRATION_BATCH)
         ]
-        model = nncf.quantize(
-            model,
-            nncf.Dataset(batches),
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(batches) * CALIBRATION_BATCH,
-        )
+        # NNCF draws progress bars on stdout; a server log is no place for them.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = nncf.quantize(
+                model,
+                nncf.Dataset(batches),
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(batches) * CALIBRATION_BATCH,
+            )
     ov.save_model(model, out / "model.xml", compress_to_fp16=False)
 
 
@@ -347,7 +357,7 @@ def _export_onnxruntime(
 ) -> None:
     import torch
 
-    core = _Core.module(spec, sample)
+    core = _traceable(spec, sample)
     exported = out / "model.onnx"
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -441,6 +451,25 @@ def _version(package: str) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-60:] or "model"
+
+
+def _writable_root(root: Path) -> Path:
+    """The cache root, or a fresh temporary directory when it cannot be written (a read-only volume):
+    the sidecar still starts, and says that every start will export again."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+        return root
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="rerank-exports-"))
+        log.warning(
+            "export cache %s cannot be written (%s): exporting into %s, so every start exports again; "
+            "point --export-cache-dir at a writable volume",
+            root,
+            exc.strerror or exc,
+            fallback,
+        )
+        return fallback
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None], record: dict[str, Any]) -> None:

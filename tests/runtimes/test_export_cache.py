@@ -109,3 +109,12 @@ def test_a_bad_calibration_file_gets_one_line(content: str, expected: str, tmp_p
     assert "\n" not in str(exc.value)
     with pytest.raises(ValueError, match="cannot read it"):
         calibration_pairs(str(tmp_path / "missing.jsonl"))
+
+
+def test_an_unwritable_cache_still_starts_and_says_so(bert_ce_dir: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory should be")
+    scorer, log = _load(bert_ce_dir, blocker / "exports", caplog)
+    assert any("cannot be written" in m and "every start exports again" in m for m in log)
+    assert np.all(np.isfinite(scorer.score(PAIRS)))
+    assert not scorer.engine.folder.is_relative_to(blocker)  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ scores like the reference; a runtime that is missing or cannot run the model sto
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import urllib.request
@@ -24,13 +25,21 @@ DOCS = [
 QUERY = "how do vaccines protect against disease"
 
 
-def test_packaged_model_served_on_openvino_reports_it_everywhere(server_factory, export_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_packaged_model_served_on_openvino_reports_it_everywhere(
+    server_factory, export_dir: Path, caplog
+) -> None:  # type: ignore[no-untyped-def]
     from sentence_transformers import SentenceTransformer
 
     from sidecar.model_factory import packaged_embedding_model_dir
 
     settings = test_settings(runtime="openvino", dtype="float32", export_cache_dir=str(export_dir))
-    srv = server_factory(settings)
+    with caplog.at_level(logging.INFO, logger="sidecar.service"):
+        srv = server_factory(settings)
+    assert any(
+        r.getMessage().startswith("serving ")
+        and "(bi-encoder on cpu, runtime openvino, float32)" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     with RerankerClient(srv.target) as client:
         info = client.info()
         result = client.rerank(QUERY, DOCS)
