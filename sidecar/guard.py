@@ -4,8 +4,8 @@ For every configuration (torch float32 is the reference) the same BM25 top-`dept
 scored through the sidecar's own scorer (`load_scorer`), ranked by the model alone (no fusion) and judged by
 trec_eval's nDCG@10 (`sidecar.eval.metrics`). A configuration passes when it loses at most `THRESHOLD`
 nDCG@10 against the reference; `sidecar.scoring.auto_runtime` then lets `--dtype auto` pick only among
-configurations that passed. The record is JSON (see `run_guard`), written next to the export cache, keyed by
-the model's content hash, or wherever `--out` says.
+configurations that passed. The record is JSON (see `run_guard`), written under the export cache's guard/
+folder, keyed by the model's content hash, or wherever `--out` says.
 
 Records measured on a test split are reports, not choices: they are written only to `--out`, and `auto`
 ignores them (choosing a precision on the queries it is then judged on would flatter it).
@@ -52,11 +52,9 @@ class GuardConfig:
     @property
     def precision(self) -> str:
         """The shared precision names: float32, bfloat16, int8, int8+bfloat16; torch int8 = int8-dynamic."""
-        if self.quantize == "none":
-            return self.dtype
-        if self.runtime == "torch":
-            return "int8-dynamic"
-        return "int8" if self.dtype == "float32" else f"int8+{self.dtype}"
+        from sidecar.scoring.runtimes import precision_name
+
+        return precision_name(self.runtime, self.dtype, self.quantize)
 
     @property
     def key(self) -> str:
@@ -436,6 +434,7 @@ def guard_command(args: argparse.Namespace) -> int:
     from sidecar.cli import UserError
     from sidecar.eval import cache, datasets
     from sidecar.progress import progress_display
+    from sidecar.scoring.loading import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=True)
@@ -469,7 +468,7 @@ def guard_command(args: argparse.Namespace) -> int:
                 configs=configs,
                 progress=progress,
             )
-    except (ValueError, datasets.DatasetError) as exc:
+    except (ValueError, datasets.DatasetError, ModelLoadError) as exc:
         raise UserError(str(exc), 2) from None
     record["command"] = "rerank-sidecar " + " ".join(sys.argv[1:])
     out = (

@@ -55,11 +55,9 @@ class Choice:
 
 
 def _precision(runtime: str, dtype: str, quantize: str) -> str:
-    if quantize == "none":
-        return dtype
-    if runtime == "torch":
-        return "int8-dynamic"
-    return "int8" if dtype == "float32" else f"int8+{dtype}"
+    from sidecar.scoring.runtimes import precision_name
+
+    return precision_name(runtime, dtype, quantize)
 
 
 def record_problem(record: Mapping[str, Any], revision: str | None) -> str | None:
