@@ -270,12 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Their registration imports nothing heavy: torch, pyserini and opensearch-py load in the handlers.
     from sidecar.eval.cli import register as register_eval
+    from sidecar.guard import register as register_guard
     from sidecar.opensearch.cli import register as register_opensearch
     from sidecar.training.cli import register as register_training
 
     register_eval(sub)
     register_training(sub)
     register_opensearch(sub)
+    register_guard(sub)
     return parser
 
 

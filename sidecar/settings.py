@@ -77,10 +77,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Inference precision. 'auto' is bfloat16 on CUDA and on CPUs with native bf16 "
-        "(AMX / AVX512-BF16), float32 otherwise (per runtime: docs/runtimes.md). bf16 is several times "
-        "faster where the hardware has it but keeps only about 3 significant digits; float32 matches "
-        "sentence-transformers within 1e-4.",
+        description="Inference precision. 'auto' on a CPU is the fastest runtime x precision that the "
+        "model's quality-guard record passed (lost at most 0.005 nDCG@10 against torch float32; "
+        "`rerank-sidecar guard`, docs/quality-guard.md), float32 when the model has no record; on CUDA "
+        "it is bfloat16 (not guarded). bf16 keeps about 3 significant digits, int8 moves scores more; "
+        "float32 matches sentence-transformers within 1e-4.",
     )
     quantize: Literal["none", "int8"] = Field(
         "none",
@@ -97,7 +98,8 @@ class Settings(BaseSettings):
         "'openvino' and 'onnxruntime' (CPU only, the [cpu] extra) run a graph exported once into "
         "--export-cache-dir: faster on CPUs (OpenVINO bf16 about 2.5x, static int8 3-4x torch fp32 on an "
         "AVX512-BF16 CPU) at the cost of an export at first start and, below float32, scores that move. "
-        "'auto' is torch for now. The precision follows --dtype and --quantize.",
+        "'auto' is what the quality guard picks with --dtype auto (see --dtype), torch otherwise. The "
+        "precision follows --dtype and --quantize.",
     )
     calibration_file: Path | None = Field(
         None,

@@ -1,12 +1,16 @@
 """What `--dtype auto` picks on each kind of CPU, and what bf16 costs against float32.
 
-`auto` follows the hardware, so the choice itself is tested with the CPU's answer pinned both ways; the bf16
-scorers run with an explicit `dtype="bfloat16"` on whatever CPU runs the tests (emulated, hence slow, on
-AVX2-only machines: the pairs here are few and short).
+The placement's own `auto` (`device.auto_dtype`) follows the hardware; what a CPU actually loads under
+`--dtype auto` is then decided by the model's quality-guard record (sidecar/scoring/auto_runtime.py): float32
+without one, even on CPUs with native bf16 (bf16 before the guard existed), and for the packaged model the
+fastest configuration its shipped record passed. The choice is tested with the CPU's answer pinned both
+ways; the bf16 scorers run with an explicit `dtype="bfloat16"` on whatever CPU runs the tests (emulated,
+hence slow, on AVX2-only machines: the pairs here are few and short).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,47 @@ def test_documented_int8_command_works_whatever_auto_picks(
     assert scorer.info.dtype == "int8-dynamic"
     scores = scorer.score([Pair("q", "a document"), Pair("q", "another one")])
     assert scores.shape == (2,) and np.all(np.isfinite(scores))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_a_cpu_is_float32_without_a_guard_record(
+    native: bool, bert_ce_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RERANK_EXPORT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    scorer = make_scorer(bert_ce_dir, dtype="auto", device="cpu")
+    assert scorer.info.dtype == "float32"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packaged_model_auto_follows_its_shipped_guard_record(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default model stays fast: `auto` takes the fastest configuration its record passed that the CPU
+    can run (bf16 only with native bf16), chosen here from the record's rows by a plain max."""
+    from sidecar.model_factory import packaged_embedding_model_dir
+    from sidecar.scoring.auto_runtime import resolve_settings, runtimes_available
+    from sidecar.scoring.loading import resolve_source
+    from sidecar.settings import Settings
+
+    monkeypatch.setenv("RERANK_EXPORT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    record = json.loads((packaged_embedding_model_dir() / "guard.json").read_text())
+    usable = [
+        r
+        for r in record["configs"]
+        if r["passed"] and r["runtime"] in runtimes_available() and (native or r["dtype"] != "bfloat16")
+    ]
+    want = max(usable, key=lambda r: r["pairs_per_s"])
+    settings, why = resolve_settings(Settings(dtype="auto", device="cpu"), resolve_source(None, None))
+    assert (settings.runtime, settings.dtype, settings.quantize) == (
+        want["runtime"],
+        want["dtype"],
+        want["quantize"],
+    )
+    assert "guard.json" in why
+    if native:
+        assert want["precision"] != "float32" or want["runtime"] != "torch", "the packaged default got slow"
 
 
 def _pairs() -> list[Pair]:

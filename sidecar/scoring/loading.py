@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.model_factory import PACKAGED_MODEL_NAME, packaged_embedding_model_dir
+from sidecar.scoring.auto_runtime import MODEL_DIR_RECORD, resolve_settings
 from sidecar.scoring.base import Scorer
 from sidecar.scoring.runtimes import placement_for, resolve_runtime
 from sidecar.settings import Settings
@@ -55,6 +56,8 @@ def _content_revision(path: Path) -> str:
     """A short content hash of the weights and configs, so Info names exactly what is serving."""
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
+        if f.name == MODEL_DIR_RECORD:
+            continue  # the guard's record describes the weights; it must not change their hash
         if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.suffix == ".json"):
             h.update(str(f.relative_to(path)).encode())
             with f.open("rb") as fh:
@@ -200,6 +203,10 @@ def _is_hub_unreachable(exc: BaseException) -> bool:
 
 def _load(source: ModelSource, settings: Settings) -> Scorer:
     backend = settings.backend if settings.backend != "auto" else detect_backend(source)
+    if backend != "causal-lm":
+        # `--dtype auto` / `--runtime auto` on a CPU: what the quality guard allows (sidecar/guard.py).
+        settings, why = resolve_settings(settings, source)
+        log.info("precision: %s", why)
     settings = resolve_runtime(settings, source)
     if backend == "causal-lm" and settings.runtime != "torch":
         raise ModelLoadError(

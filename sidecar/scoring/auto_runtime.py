@@ -1,0 +1,253 @@
+"""What `--dtype auto` (and `--runtime auto`) load on a CPU: the fastest configuration the guard passed.
+
+`choose` is pure: from a guard record (`sidecar/guard.py`) and what this machine offers (native bf16, the
+runtimes that import) it picks the passed configuration with the most pairs/s. A configuration the guard
+failed (it lost more than 0.005 nDCG@10 against torch float32) is never picked, however fast. Without a
+usable record for the model it picks float32, which cannot lose quality, and says how to measure.
+
+`resolve_settings` is the one call loading makes: it finds the record (the export cache, keyed by the
+model's content hash, then a `guard.json` shipped in the model directory), applies `choose` and returns
+the settings to load with and one line of reason for the start log. On CUDA, `auto` stays bfloat16
+(float16 without bf16) and is not guarded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.scoring.loading import ModelSource
+    from sidecar.settings import Settings
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 0.005  # nDCG@10 a configuration may lose against torch float32 and still pass
+RECORD_FORMAT = "rerank-sidecar-guard/1"
+MODEL_DIR_RECORD = "guard.json"  # a record shipped inside a model directory (the packaged model has one)
+GUARD_HINT = (
+    "run `rerank-sidecar guard --model M --split train` to measure which faster precisions keep rankings"
+)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What this machine can run: native bf16 matrix units, and the runtimes the scorer can load."""
+
+    native_bf16: bool
+    runtimes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Choice:
+    runtime: str
+    dtype: str
+    quantize: str
+    precision: str
+    reason: str
+    guarded: bool  # True when chosen from a passed guard measurement
+
+
+def _precision(runtime: str, dtype: str, quantize: str) -> str:
+    if quantize == "none":
+        return dtype
+    if runtime == "torch":
+        return "int8-dynamic"
+    return "int8" if dtype == "float32" else f"int8+{dtype}"
+
+
+def record_problem(record: Mapping[str, Any], revision: str | None) -> str | None:
+    """Why `record` cannot guide the choice for the model with content hash `revision`; None when it can."""
+    if record.get("format") != RECORD_FORMAT:
+        return f"unknown record format {record.get('format')!r}"
+    model = record.get("model") or {}
+    if revision is not None and model.get("revision") != revision:
+        return f"measured on other weights ({model.get('revision')}, this model is {revision})"
+    if (record.get("dataset") or {}).get("split") == "test":
+        return "measured on a test split (a report, never a choice)"
+    if not record.get("configs"):
+        return "no configurations measured"
+    return None
+
+
+def passed(row: Mapping[str, Any]) -> bool:
+    """The guard's verdict, re-judged from the recorded change so a hand-edited 'passed' cannot widen it."""
+    delta = row.get("delta")
+    return bool(row.get("passed")) and isinstance(delta, (int, float)) and delta >= -THRESHOLD
+
+
+def _fallback(runtime: str, quantize: str, why: str) -> Choice:
+    if quantize != "none":
+        # The user asked for int8: honoured, unguarded; the rest is what `auto` means for that runtime's
+        # int8 (torch: float32 activations; OpenVINO: bf16 where native), as without a guard.
+        return Choice(
+            runtime,
+            "auto",
+            quantize,
+            "int8-dynamic" if runtime == "torch" else "int8",
+            f"{why}; int8 as asked (--quantize), not guarded",
+            False,
+        )
+    return Choice(runtime, "float32", "none", "float32", f"{why}: float32, which cannot lose quality", False)
+
+
+def choose(
+    record: Mapping[str, Any] | None,
+    offer: Offer,
+    *,
+    runtime: str = "auto",
+    quantize: str = "none",
+    fp32_runtime: str = "torch",
+) -> Choice:
+    """The fastest configuration `record` passed that `offer` can run.
+
+    `runtime` other than 'auto' keeps the choice within that runtime; `quantize='int8'` within int8
+    configurations (the user asked for int8: with none passed, it is still honoured, unguarded).
+    `fp32_runtime` is the runtime of the no-record fallback (torch, or one shown to match it in float32).
+    """
+    home = fp32_runtime if runtime == "auto" else runtime
+    if record is None:
+        return _fallback(home, quantize, "no quality-guard record for this model")
+    candidates = []
+    for row in record.get("configs") or []:
+        rt, dtype, quant = row.get("runtime"), row.get("dtype"), row.get("quantize")
+        if not passed(row) or rt not in offer.runtimes:
+            continue
+        if runtime != "auto" and rt != runtime:
+            continue
+        if quantize != "none" and quant != quantize:
+            continue
+        if dtype == "bfloat16" and not offer.native_bf16:
+            continue
+        if not isinstance(row.get("pairs_per_s"), (int, float)):
+            continue
+        candidates.append(row)
+    if not candidates:
+        return _fallback(home, quantize, "no configuration the guard passed is available here")
+    best = max(candidates, key=lambda r: float(r["pairs_per_s"]))
+    base = next(
+        (r for r in record["configs"] if r.get("runtime") == "torch" and r.get("precision") == "float32"),
+        None,
+    )
+    speed = (
+        f", {float(best['pairs_per_s']) / float(base['pairs_per_s']):.2f}x torch float32"
+        if base and base.get("pairs_per_s")
+        else ""
+    )
+    ds = record.get("dataset") or {}
+    reason = (
+        f"fastest configuration the quality guard passed{speed}: nDCG@10 {best['delta']:+.4f} against torch "
+        f"float32 on {ds.get('name')} {ds.get('split')} ({ds.get('queries')} queries x top-{ds.get('depth')})"
+    )
+    return Choice(
+        str(best["runtime"]),
+        str(best["dtype"]),
+        str(best["quantize"]),
+        _precision(str(best["runtime"]), str(best["dtype"]), str(best["quantize"])),
+        reason,
+        True,
+    )
+
+
+# ---- the impure part: where records live, what this machine offers ---------------------------------------
+
+
+def runtimes_available() -> set[str]:
+    """Runtimes this installation can load: torch always; OpenVINO and ONNX Runtime when their packages
+    (the [cpu] extra) import."""
+    import importlib.util
+
+    from sidecar.scoring.runtimes import _MODULES
+
+    out = {"torch"}
+    for runtime, modules in _MODULES.items():
+        if all(importlib.util.find_spec(m) is not None for m in modules):
+            out.add(runtime)
+    return out
+
+
+def default_export_cache_dir() -> Path:
+    """The settings' export cache ($RERANK_EXPORT_CACHE_DIR, else its default)."""
+    from sidecar.settings import Settings
+
+    return Path(Settings().export_cache_dir).expanduser()  # type: ignore[call-arg]
+
+
+def record_path(export_cache_dir: Path, revision: str) -> Path:
+    """Where the guard record of the model with content hash `revision` is kept."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in revision)
+    return Path(export_cache_dir).expanduser() / "guard" / f"{safe}.json"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def find_record(settings: Settings, source: ModelSource) -> tuple[dict[str, Any] | None, str]:
+    """The guard record for `source` (export cache first, then the model directory) and where it came from;
+    (None, why not) when there is none that fits this model."""
+    from sidecar.scoring.runtimes import model_content_id
+
+    revision = model_content_id(source)
+    places = [record_path(Path(settings.export_cache_dir), revision)]
+    if source.local:
+        places.append(Path(source.path_or_id) / MODEL_DIR_RECORD)
+    problems = []
+    for place in places:
+        if not place.is_file():
+            continue
+        record = _read(place)
+        problem = "not a JSON object" if record is None else record_problem(record, revision)
+        if problem is None:
+            return record, str(place)
+        problems.append(f"{place}: {problem}")
+    return None, "; ".join(problems) or "no quality-guard record for this model"
+
+
+def this_machine() -> Offer:
+    from sidecar.scoring.device import cpu_has_native_bf16
+
+    return Offer(native_bf16=cpu_has_native_bf16(), runtimes=frozenset(runtimes_available()))
+
+
+def _on_cuda(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return device.startswith("cuda")
+
+
+def resolve_settings(settings: Settings, source: ModelSource) -> tuple[Settings, str]:
+    """The settings to load with (runtime, dtype and quantize made concrete on a CPU) and why, in one line.
+
+    An explicit `--dtype` is never second-guessed (`--runtime auto` is then torch); on CUDA `auto` stays
+    bf16 and is not guarded. Otherwise the guard record decides, within an explicit `--runtime` or
+    `--quantize int8` when one is given.
+    """
+    runtime = settings.runtime
+    if settings.dtype != "auto" or _on_cuda(settings.device):
+        if runtime == "auto":
+            settings = settings.model_copy(update={"runtime": "torch"})
+        if settings.dtype != "auto":
+            return settings, f"{settings.runtime} with --dtype {settings.dtype} as configured"
+        return settings, "CUDA: --dtype auto is bfloat16 (float16 without bf16); not guarded"
+    record, where = find_record(settings, source)
+    choice = choose(record, this_machine(), runtime=runtime, quantize=settings.quantize)
+    update = {"runtime": choice.runtime, "dtype": choice.dtype, "quantize": choice.quantize}
+    reason = f"{choice.runtime}/{choice.precision}: {choice.reason}"
+    if record is not None:
+        reason += f" (record {where})"
+    elif choice.quantize == "none":
+        if where != "no quality-guard record for this model":
+            reason += f" ({where})"
+        reason += f"; {GUARD_HINT}"
+    return settings.model_copy(update=update), reason
