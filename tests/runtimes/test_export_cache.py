@@ -1,5 +1,6 @@
 """The export cache: a second start reuses the export (no exporter runs), the key follows the model's
-content and the calibration set, half-written entries are never read, bad calibration files get one line."""
+content, the calibration set and the int8 recipe, half-written entries are never read, bad calibration
+files get one line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sidecar.scoring import runtimes
 from sidecar.scoring.base import Pair
 from sidecar.scoring.runtimes import calibration_pairs
 from tests.conftest import make_scorer
@@ -118,3 +120,18 @@ def test_an_unwritable_cache_still_starts_and_says_so(bert_ce_dir: Path, tmp_pat
     assert any("cannot be written" in m and "every start exports again" in m for m in log)
     assert np.all(np.isfinite(scorer.score(PAIRS)))
     assert not scorer.engine.folder.is_relative_to(blocker)  # type: ignore[attr-defined]
+
+
+def test_the_int8_recipe_is_part_of_the_key(
+    bert_ce_dir: Path, tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    cache = tmp_path / "exports"
+    _load(bert_ce_dir, cache, caplog, quantize="int8")
+    # An export made with another recipe (NNCF's own SmoothQuant alpha) is never read by this one.
+    monkeypatch.setitem(runtimes.INT8_RECIPE, "smooth_quant_matmul_alpha", 0.95)
+    _, log = _load(bert_ce_dir, cache, caplog, quantize="int8")
+    assert any(m.startswith("export cache: exporting") for m in log)
+    assert len(_entries(cache)) == 2
+    monkeypatch.undo()
+    _, log = _load(bert_ce_dir, cache, caplog, quantize="int8")
+    assert not any("exporting" in m for m in log)
