@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -335,6 +335,17 @@ def _traceable(spec: EngineSpec, sample: dict[str, Any]) -> Any:
     return Core().eval()
 
 
+@contextlib.contextmanager
+def _tracing() -> Iterator[None]:
+    """Where a model is traced for export: gradients off but outside inference mode (tracers need real
+    tensors), and without the tracer's warnings about Python control flow on shapes."""
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _export_openvino(
     spec: EngineSpec,
     sample: dict[str, Any],
@@ -344,12 +355,10 @@ def _export_openvino(
     out: Path,
 ) -> None:
     import openvino as ov
-    import torch
 
     core = _traceable(spec, sample)
     example = {n: sample[n] for n in inputs}
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
+    with _tracing():
         model = ov.convert_model(core, example_input=example)
     if quantize == "int8":
         import nncf
@@ -400,8 +409,7 @@ def _export_onnxruntime(
 
     core = _traceable(spec, sample)
     exported = out / "model.onnx"
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _tracing():
         # The TorchScript exporter: the dynamo one needs onnxscript, and traces these graphs no better.
         torch.onnx.export(
             core,

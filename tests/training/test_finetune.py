@@ -9,43 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import main
-from sidecar.model_factory import build_bert_cross_encoder
-
-
-@pytest.fixture(scope="module")
-def finetuned(
-    scifact_train_slice: Path, training_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    base = build_bert_cross_encoder(tmp_path_factory.mktemp("base") / "tiny", max_length=128, seed=5)
-    out = tmp_path_factory.mktemp("finetuned") / "model"
-    code = main(
-        [
-            "finetune",
-            "--data", str(scifact_train_slice),
-            "--base", str(base),
-            "--out", str(out),
-            "--epochs", "6",
-            "--batch-size", "8",
-            "--learning-rate", "1e-3",
-            "--max-length", "96",
-            "--dev-fraction", "0.25",
-            "--dev-depth", "10",
-            "--mine-depth", "20",
-            "--skip-top", "2",
-            "--hard-negatives", "2",
-            "--random-negatives", "1",
-            "--fusion-depth", "10",
-            "--measure-train-loss",
-            # Pinned: 'auto' trains in bf16 on CPUs with native bf16, and the loss figures below must not
-            # depend on which CPU runs the tests.
-            "--precision", "float32",
-            "--cache-dir", str(training_cache),
-        ]
-    )  # fmt: skip
-    assert code == 0
-    return out
-
 
 def test_training_loss_decreases(finetuned: Path) -> None:
     # Per-step losses of a tiny model on 8-pair batches are too noisy to compare; the mean loss over all the
