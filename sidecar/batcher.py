@@ -84,6 +84,9 @@ class _Job:
     # Set by the model thread when one of its batches failed: a batch formed to follow drops its pairs
     # before the loop has answered the failure.
     failed_in_model: bool = False
+    # A cascade's first pass (settings.cascade): scored by the scorer's fast engine. A batch holds pairs
+    # of one pass only.
+    first_pass: bool = False
 
     @property
     def dead(self) -> bool:
@@ -154,6 +157,7 @@ class Batcher:
         deadline: float,
         progress: Progress | None = None,
         encodings: Sequence[object | None] | None = None,
+        first_pass: bool = False,
     ) -> tuple[np.ndarray, BatchStats]:
         """Score `pairs` (with their token counts) before `deadline` (loop time).
 
@@ -162,6 +166,7 @@ class Batcher:
         With `progress`, the pairs are scored in the order given and every batch's scores land in it, so
         the caller keeps what was scored even when the job fails or is cancelled. `encodings`: the
         pairs' `Measure.encoding`s, handed to the scorer with them so it does not tokenize again.
+        `first_pass`: score them with the scorer's cascade first pass (its fast engine).
         """
         if self._closed:
             raise NotReady("the sidecar is shutting down; retry on another replica")
@@ -190,6 +195,7 @@ class Batcher:
             queued=n,
             progress=progress,
             encodings=encodings,
+            first_pass=first_pass,
         )
         self._queue.extend(_Item(job, i, max(1, t)) for i, t in enumerate(tokens))
         self._queued_pairs += n
@@ -329,9 +335,11 @@ class Batcher:
 
         Requests complete in arrival order (good tail latency), each is scored in length-sorted
         batches (little padding), and a request's last partial batch is shared with the next ones.
+        A batch runs one engine: it takes only pairs of the head's pass (a cascade's first pass or not).
         """
         now = loop.time()
         window: list[_Item] = []
+        scanned: list[_Item] = []  # every live item taken off the queue, in queue order
         budget = self.max_batch_tokens * WINDOW_BUDGETS
         head: _Job | None = None
         while self._queue and (budget > 0 or self._queue[0].job is head):
@@ -343,8 +351,10 @@ class Batcher:
                 self._expire(job)
                 continue
             head = head or job
-            window.append(item)
+            scanned.append(item)
             budget -= item.tokens
+            if job.first_pass == head.first_pass:  # the other pass's pairs go back to the queue
+                window.append(item)
         if not window:
             return []
         own = [i for i in window if i.job is head]
@@ -375,7 +385,7 @@ class Batcher:
         taken = {id(i) for i in batch}
         # Put back what was not taken, in its original (FIFO) order. The batch's pairs count as queued
         # until it reaches the model (`_begin`).
-        self._queue.extendleft(reversed([i for i in window if id(i) not in taken]))
+        self._queue.extendleft(reversed([i for i in scanned if id(i) not in taken]))
         return batch
 
     def _fits(self, batch: list[_Item], item: _Item) -> bool:
@@ -411,11 +421,12 @@ class Batcher:
         loop.call_soon_threadsafe(self._begin, live)
         pairs = [i.job.pairs[i.index] for i in live]
         encodings = [i.job.encodings[i.index] if i.job.encodings is not None else None for i in live]
+        given = None if any(e is None for e in encodings) else encodings
         try:
-            if any(e is None for e in encodings):
-                scores = self.scorer.score(pairs)
+            if live[0].job.first_pass:  # one pass per batch (`_next_batch`)
+                scores = self.scorer.score(pairs, given, first_pass=True)
             else:
-                scores = self.scorer.score(pairs, encodings)
+                scores = self.scorer.score(pairs, given)
         except Exception:
             for item in live:
                 item.job.failed_in_model = True

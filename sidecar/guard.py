@@ -36,6 +36,7 @@ from sidecar.scoring.auto_runtime import (
     record_path,
     runtimes_available,
 )
+from sidecar.scoring.runtimes import CASCADE_FIRST_PASSES, CONFIGS
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,9 @@ class GuardConfig:
 
 
 REFERENCE = GuardConfig("torch", "float32", "none")
-ALL_CONFIGS: tuple[GuardConfig, ...] = (
-    REFERENCE,
-    GuardConfig("torch", "bfloat16", "none"),
-    GuardConfig("torch", "float32", "int8"),
-    GuardConfig("openvino", "float32", "none"),
-    GuardConfig("openvino", "bfloat16", "none"),
-    GuardConfig("openvino", "float32", "int8"),
-    GuardConfig("openvino", "bfloat16", "int8"),
-    GuardConfig("onnxruntime", "float32", "none"),
-    GuardConfig("onnxruntime", "float32", "int8"),
-)
+ALL_CONFIGS: tuple[GuardConfig, ...] = tuple(GuardConfig(*c) for c in CONFIGS.values())
+# Cascades the guard judges from the scores it measured (cross-encoders): documents re-scored per query.
+CASCADE_DEPTHS = (10, 20)
 _BY_KEY = {c.key: c for c in ALL_CONFIGS}
 
 
@@ -253,6 +246,73 @@ def compare(cands: Candidates, ref: Scored, got: Scored, ref_ndcg: float) -> dic
     }
 
 
+def cascade_rows(
+    cands: Candidates,
+    ref: Scored,
+    ref_ndcg: float,
+    measured: Sequence[tuple[Scored, dict[str, Any]]],
+    depths: Sequence[int] = CASCADE_DEPTHS,
+) -> list[dict[str, Any]]:
+    """Rows for cascades (settings.cascade) built from what was measured: a first pass that failed the
+    guard, then the top `depth` per query re-scored by the fastest configuration that passed (and by
+    torch float32). Each query's ranking is what serving returns: the first pass's scores, the top
+    `depth` of them (stable order) replaced by the served precision's. Its pairs/s is estimated from
+    the two passes' measured speeds: one pass over every pair, plus `depth`/`cands.depth` of a pass.
+    """
+    import numpy as np
+
+    passed = [(g, r) for g, r in measured if r["passed"] and r["pairs_per_s"]]
+    if not passed:
+        return []
+    fastest = max(passed, key=lambda gr: float(gr[1]["pairs_per_s"]))
+    served = [fastest] + [(g, r) for g, r in passed if g.config == REFERENCE and g is not fastest[0]]
+    rows = []
+    for first, first_row in measured:
+        if (
+            first_row["passed"]
+            or first.config.key not in CASCADE_FIRST_PASSES
+            or not first_row["pairs_per_s"]
+        ):
+            continue
+        for precise, precise_row in served:
+            for depth in depths:
+                if depth >= cands.depth:
+                    continue
+                share = depth / cands.depth
+                per_pair = 1 / float(first_row["pairs_per_s"]) + share / float(precise_row["pairs_per_s"])
+                if per_pair * float(precise_row["pairs_per_s"]) >= 1:
+                    continue  # no faster than the served precision alone
+                merged = {}
+                for q in cands.qids:
+                    scores = first.scores[q].copy()
+                    top = np.argsort(-scores, kind="stable")[:depth]
+                    scores[top] = precise.scores[q][top]
+                    merged[q] = scores
+                got = Scored(
+                    precise.config, merged, per_pair * cands.n_pairs, cands.n_pairs, precise.dtype_reported
+                )
+                row = compare(cands, ref, got, ref_ndcg)
+                row["cascade"] = {
+                    "runtime": first.config.runtime,
+                    "dtype": first.config.dtype,
+                    "quantize": first.config.quantize,
+                    "precision": first.config.precision,
+                    "depth": depth,
+                }
+                row["pairs_per_s_estimated"] = True
+                rows.append(row)
+    return rows
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """`openvino/int8`, or for a cascade `openvino/int8 > top 20 openvino/bfloat16`."""
+    name = f"{row['runtime']}/{row['precision']}"
+    first = row.get("cascade")
+    if first:
+        return f"{first['runtime']}/{first['precision']} > top {first['depth']} {name}"
+    return name
+
+
 def unmeasured(config: GuardConfig, error: str) -> dict[str, Any]:
     """The row of a configuration that failed to load or run: failed, with the reason."""
     return {
@@ -300,6 +360,8 @@ def run_guard(
     "threshold", "baseline": {runtime, precision, ndcg@10}, "first_stage_ndcg@10", "machine",
     "configs": [{runtime, dtype, quantize, precision, ndcg@10, delta, max_abs_diff, top10_order_kept,
     top10_set_overlap, pairs_per_s, passed}, ...], "created"}`; the first config is the reference.
+    For a cross-encoder, cascade rows follow (`cascade_rows`): the same fields for the served precision,
+    plus `cascade` (the first pass and its depth) and `pairs_per_s_estimated`.
     `scores_out`, when given, receives the candidates (`"candidates"`) and each configuration's scores per
     query (under its key), for a caller that wants to check the figures from the scores themselves.
     """
@@ -321,6 +383,7 @@ def run_guard(
     ref = score_config(model, REFERENCE, cands, progress=progress, settings_extra=settings_extra)
     ref_ndcg = ndcg10(cands, ref.scores)
     rows = [compare(cands, ref, ref, ref_ndcg)]
+    measured: list[tuple[Scored, dict[str, Any]]] = [(ref, rows[0])]
     if scores_out is not None:
         scores_out["candidates"] = cands
         scores_out[REFERENCE.key] = ref.scores
@@ -332,8 +395,11 @@ def run_guard(
             rows.append(unmeasured(config, f"{type(exc).__name__}: {exc}"))
             continue
         rows.append(compare(cands, ref, got, ref_ndcg))
+        measured.append((got, rows[-1]))
         if scores_out is not None:
             scores_out[config.key] = got.scores
+    if backend == "cross-encoder":
+        rows += cascade_rows(cands, ref, ref_ndcg, measured)
     bm25 = {q: np.asarray(cands.bm25_scores[q], dtype=np.float32) for q in cands.qids}
     return {
         "format": RECORD_FORMAT,
@@ -375,22 +441,30 @@ def write_record(record: dict[str, Any], path: Path) -> Path:
 
 def summary_lines(record: dict[str, Any]) -> list[str]:
     ds = record["dataset"]
+    width = max([26, *(len(row_label(r)) for r in record["configs"])])
     lines = [
         f"guard: {record['model']['id']} ({record['model']['revision']}), {ds['name']} {ds['split']}, "
         f"{ds['queries']} queries x BM25 top-{ds['depth']} ({ds['pairs']} pairs); BM25 alone nDCG@10 "
         f"{record['first_stage_ndcg@10']:.4f}; pass = lose at most {record['threshold']} nDCG@10",
-        f"{'config':<26} {'nDCG@10':>8} {'delta':>8} {'max|diff|':>10} {'top10 order':>11} "
+        f"{'config':<{width}} {'nDCG@10':>8} {'delta':>8} {'max|diff|':>10} {'top10 order':>11} "
         f"{'top10 set':>9} {'pairs/s':>8}  verdict",
     ]
     for r in record["configs"]:
         if r.get("error"):
-            lines.append(f"{r['runtime'] + '/' + r['precision']:<26} not measured: {r['error']}")
+            lines.append(f"{row_label(r):<{width}} not measured: {r['error']}")
             continue
         pps = f"{r['pairs_per_s']:.1f}" if r["pairs_per_s"] is not None else "-"
+        if r.get("pairs_per_s_estimated"):
+            pps += "*"
         lines.append(
-            f"{r['runtime'] + '/' + r['precision']:<26} {r['ndcg@10']:>8.4f} {r['delta']:>+8.4f} "
+            f"{row_label(r):<{width}} {r['ndcg@10']:>8.4f} {r['delta']:>+8.4f} "
             f"{r['max_abs_diff']:>10.4f} {r['top10_order_kept']:>11.2f} {r['top10_set_overlap']:>9.2f} "
             f"{pps:>8}  {'pass' if r['passed'] else 'FAIL'}"
+        )
+    if any(r.get("pairs_per_s_estimated") for r in record["configs"]):
+        lines.append(
+            "* a cascade's pairs/s is estimated from its two passes' measured speeds; its rankings are "
+            "what serving returns (first pass, then the top re-scored)"
         )
     return lines
 

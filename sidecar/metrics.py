@@ -134,6 +134,21 @@ class Metrics:
             ["runtime", "precision"],
             registry=r,
         )
+        self.cascade_info = Gauge(
+            "reranker_cascade_info",
+            "The cascade's first pass (RUNTIME/PRECISION) and re-scored depth; absent without a cascade "
+            "(value is always 1).",
+            ["first_pass", "depth"],
+            registry=r,
+        )
+        self.cascade_requests = Counter(
+            "reranker_cascade_requests_total",
+            "Requests through a cascade: 'rescored' (first pass, then the top re-scored), 'direct' (no more "
+            "documents than the depth: the served precision alone), 'first_pass_only' (the deadline came "
+            "during the re-score and partial results allowed the first pass's ranking).",
+            ["outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

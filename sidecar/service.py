@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -130,6 +131,8 @@ class RerankService:
             info.model_id, info.revision, info.backend, info.device, info.dtype
         ).set(1)
         self.metrics.runtime_info.labels(info.runtime, info.dtype).set(1)
+        if info.cascade:
+            self.metrics.cascade_info.labels(info.cascade, str(info.cascade_depth)).set(1)
         if s.warmup:
             pairs = [Pair(WARMUP_QUERY, d) for d in WARMUP_DOCS]
             measures = self.scorer.measure(pairs)
@@ -139,12 +142,13 @@ class RerankService:
         self._loaded = True
         self.metrics.ready.set(1)
         log.info(
-            "serving %s (%s on %s, runtime %s, %s)",
+            "serving %s (%s on %s, runtime %s, %s%s)",
             info.model_id,
             info.backend,
             info.device,
             info.runtime,
             info.dtype,
+            f"; cascade: {info.cascade} first, top {info.cascade_depth} re-scored" if info.cascade else "",
         )
 
     def _resolve_default_fusion(self) -> FusionSpec:
@@ -198,6 +202,8 @@ class RerankService:
             default_fusion=self.default_fusion,
             ready=self.ready,
             runtime=model.runtime,
+            cascade=model.cascade,
+            cascade_depth=model.cascade_depth,
         )
 
     @contextlib.contextmanager
@@ -293,13 +299,87 @@ class RerankService:
                 raise NotReady("this replica stopped scoring after an internal error and needs a restart")
             raise NotReady("the sidecar is shutting down" if self._draining else "the model is still loading")
         self._validate(q, self.scorer)
+        depth = self.scorer.cascade_depth
+        if not depth:
+            return await self._rerank_pass(q, started)
+        if len(q.documents) <= depth:
+            self.metrics.cascade_requests.labels("direct").inc()
+            return await self._rerank_pass(q, started)
+        return await self._cascade(q, started, depth)
+
+    # ---- cascade (settings.cascade, docs/runtimes.md) ---------------------------------------------
+    async def _cascade(self, q: RerankQuery, started: float, depth: int) -> RerankResult:
+        """Every document through the fast first pass, then the `depth` it ranks highest (fused, as they
+        would be served) re-scored at the served precision; the ranking is then fused and sorted again.
+
+        Each pass has its own score-cache entries, and the second re-uses the first's encodings. If the
+        deadline comes during the second pass, a request that allows partial results gets the first pass's
+        complete ranking (never a mix of half-done passes); one that does not gets DEADLINE_EXCEEDED.
+        """
+        measured: dict[int, Measure] = {}
+        first = await self._rerank_pass(
+            dataclasses.replace(q, top_n=None), started, first_pass=True, measures_out=measured
+        )
+        top_n = min(q.top_n or len(first.hits), len(first.hits))
+        if any(h.status is not HitStatus.RERANKED for h in first.hits):
+            return dataclasses.replace(first, hits=first.hits[:top_n])  # a partial answer, as it stands
+        top = [h.index for h in first.hits[:depth]]
+        sub = dataclasses.replace(q, documents=[q.documents[i] for i in top], top_n=None, fusion=NO_FUSION)
+        partial = self.settings.partial_results if q.partial_results is None else q.partial_results
+        try:
+            second = await self._rerank_pass(
+                sub, started, measures_in={j: measured[i] for j, i in enumerate(top) if i in measured}
+            )
+        except DeadlineExceeded:
+            if not partial:
+                raise
+            second = None
+        if second is None or any(h.status is not HitStatus.RERANKED for h in second.hits):
+            log.info("cascade: the deadline came during the re-score; answering with the first pass")
+            self.metrics.cascade_requests.labels("first_pass_only").inc()
+            return dataclasses.replace(first, hits=first.hits[:top_n])
+        self.metrics.cascade_requests.labels("rescored").inc()
+        hits = {h.index: h for h in first.hits}
+        for h in second.hits:
+            hits[top[h.index]] = dataclasses.replace(h, index=top[h.index])
+        merged = [hits[i] for i in range(len(q.documents))]
+        fused = fuse(first.fusion, [h.score for h in merged], [d.first_stage_score for d in q.documents])
+        order = sorted(range(len(merged)), key=lambda i: -fused[i])  # stable: ties keep input order
+        a, b = first.timings, second.timings
+        return dataclasses.replace(
+            first,
+            hits=[dataclasses.replace(merged[i], fused_score=fused[i]) for i in order[:top_n]],
+            timings=Timings(
+                queue_seconds=a.queue_seconds + b.queue_seconds,
+                inference_seconds=a.inference_seconds + b.inference_seconds,
+                total_seconds=time.perf_counter() - started,
+                batches=a.batches + b.batches,
+            ),
+            cached_pairs=first.cached_pairs + second.cached_pairs,
+        )
+
+    async def _rerank_pass(
+        self,
+        q: RerankQuery,
+        started: float,
+        *,
+        first_pass: bool = False,
+        measures_in: dict[int, Measure] | None = None,
+        measures_out: dict[int, Measure] | None = None,
+    ) -> RerankResult:
+        """Score `q`'s documents once (through the cascade's first pass when `first_pass`), fuse, sort.
+
+        `measures_in`: measures already made for some documents (by index), not made again;
+        `measures_out` receives those this pass made.
+        """
+        assert self.scorer is not None and self.batcher is not None
         fusion = self._fusion_for(q)
         loop = asyncio.get_running_loop()
         deadline = q.deadline if q.deadline is not None else loop.time() + self.settings.default_timeout_s
         pairs = [Pair(q.query, d.model_text(), q.instruction or None) for d in q.documents]
         partial = self.settings.partial_results if q.partial_results is None else q.partial_results
         # Score cache: pairs it knows never reach the tokenizer or the batcher; only the rest go on.
-        cache_keys, known = self._cache_lookup(q, pairs)
+        cache_keys, known = self._cache_lookup(q, pairs, first_pass)
         # A request that may be answered partially is queued (and scored) in first-stage order.
         queue_order = first_stage_order(q) if partial else range(len(pairs))
         todo = [i for i in queue_order if known[i] is None]
@@ -311,7 +391,8 @@ class RerankService:
             # whatever is under way then (tokenizing included).
             deadline -= self.settings.partial_results_margin_ms / 1000
         t0 = time.perf_counter()
-        measuring = self._measure(pairs, self.scorer)
+        given = measures_in or {}
+        measuring = self._measure_missing(pairs, [given.get(i) for i in todo])
         if progress is None:
             measures = await measuring
         else:
@@ -319,6 +400,8 @@ class RerankService:
                 measures = await asyncio.wait_for(measuring, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 return self._partial_answer(q, fusion, known, started, len(all_pairs) - len(todo))
+        if measures_out is not None:
+            measures_out.update(zip(todo, measures, strict=True))
         # Long documents: a truncated pair becomes its windows, each its own pair in the batcher.
         windows = await self._windows(q, pairs, measures, self.scorer)
         if windows is not None:
@@ -345,6 +428,7 @@ class RerankService:
                         deadline,
                         progress,
                         [m.encoding for m in measures],
+                        first_pass,
                     ),
                     remaining,
                 )
@@ -531,8 +615,11 @@ class RerankService:
         return merged
 
     # ---- score cache (sidecar/score_cache.py) --------------------------------------------------
-    def _cache_lookup(self, q: RerankQuery, pairs: list[Pair]) -> tuple[list[bytes], list[Entry | None]]:
-        """Keys and cached scores of `pairs`; no keys and nothing known when off or bypassed."""
+    def _cache_lookup(
+        self, q: RerankQuery, pairs: list[Pair], first_pass: bool = False
+    ) -> tuple[list[bytes], list[Entry | None]]:
+        """Keys and cached scores of `pairs`; no keys and nothing known when off or bypassed. A cascade's
+        first pass has keys of its own: its scores never stand in for the served precision's."""
         if self.score_cache is None or q.bypass_cache:
             return [], [None] * len(pairs)
         assert self.scorer is not None
@@ -544,7 +631,8 @@ class RerankService:
             q.query,
             [p.document for p in pairs],
             info.max_length,
-            policy.cache_tag() if policy else "truncate",
+            (policy.cache_tag() if policy else "truncate")
+            + (f"|first pass {info.cascade}" if first_pass else ""),
         )
         return keys, self.score_cache.get_many(keys)
 
@@ -644,6 +732,15 @@ class RerankService:
             entries.append(WindowedScore(score, w.cut, max(0, a - skip), max(0, b - skip), len(js)))
             self.metrics.windows.inc(len(js))
         return entries
+
+    async def _measure_missing(self, pairs: list[Pair], given: list[Measure | None]) -> list[Measure]:
+        """`given`'s measures, the missing ones made (`_measure`)."""
+        assert self.scorer is not None
+        missing = [j for j, m in enumerate(given) if m is None]
+        if len(missing) == len(given):
+            return await self._measure(pairs, self.scorer)
+        made = iter(await self._measure([pairs[j] for j in missing], self.scorer))
+        return [m if m is not None else next(made) for m in given]
 
     async def _measure(self, pairs: list[Pair], scorer: Scorer) -> list[Measure]:
         """Tokenize in slices of MEASURE_SLICE_PAIRS: each slice is its own job on the tokenize threads,

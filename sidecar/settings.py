@@ -101,6 +101,23 @@ class Settings(BaseSettings):
         "'auto' is what the quality guard picks with --dtype auto (see --dtype), torch otherwise. The "
         "precision follows --dtype and --quantize.",
     )
+    cascade: str = Field(
+        "auto",
+        description="Cross-encoders on a CPU: score every document with a fast first pass, then re-score "
+        "each request's top --cascade-depth documents (by the first pass) at the served precision, so the "
+        "top of the ranking is the served precision's own. 'none' turns it off; RUNTIME/PRECISION names the "
+        "first pass (openvino/int8, openvino/int8+bfloat16, openvino/bfloat16, openvino/float32, "
+        "onnxruntime/int8, onnxruntime/float32); 'auto' follows the quality guard with --dtype auto (a "
+        "cascade the guard passed and measured fastest) and is off otherwise (docs/runtimes.md, 'Cascade').",
+    )
+    cascade_depth: int = Field(
+        20,
+        ge=1,
+        description="With a cascade: documents per request re-scored at the served precision. Requests with "
+        "at most this many documents skip the first pass. 10 keeps the exact top-10 order of what the first "
+        "pass puts there; more guards against the first pass missing a document the served precision ranks "
+        "in the top 10, at the cost of speed.",
+    )
     calibration_file: Path | None = Field(
         None,
         description='--quantize int8 with --runtime openvino: JSONL of {"query": ..., "document": ...} '
@@ -394,6 +411,14 @@ class Settings(BaseSettings):
                 "request of max_documents could never be queued; raise --max-queue-pairs or lower "
                 "--max-documents"
             )
+        if self.cascade not in ("auto", "none"):
+            from sidecar.scoring.runtimes import CASCADE_FIRST_PASSES
+
+            if self.cascade not in CASCADE_FIRST_PASSES:
+                raise ValueError(
+                    f"--cascade {self.cascade!r}: use auto, none or a first pass among "
+                    f"{', '.join(CASCADE_FIRST_PASSES)}"
+                )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("--tls-cert-file and --tls-key-file go together: set both for TLS, or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

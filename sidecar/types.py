@@ -94,6 +94,10 @@ class ModelInfo:
     accepts_instruction: bool
     # The inference runtime: "torch", "openvino" or "onnxruntime" (sidecar/scoring/runtimes.py).
     runtime: str = "torch"
+    # The cascade's first pass (RUNTIME/PRECISION, "" when none) and how many documents per request the
+    # served precision re-scores after it (settings.cascade, docs/runtimes.md).
+    cascade: str = ""
+    cascade_depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class ServiceInfo:
     default_fusion: FusionSpec
     ready: bool
     runtime: str
+    cascade: str = ""
+    cascade_depth: int = 0
 
 
 @dataclass(frozen=True)

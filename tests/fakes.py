@@ -35,7 +35,9 @@ class RecordingScorer(Scorer):
         self.info = inner.info
         self.gate = gate
         self.batches: list[list[Pair]] = []
+        self.first_pass_batches: list[bool] = []  # per batch: a cascade's first pass
         self.entered = threading.Event()  # set when a batch has reached the model
+        self.cascade_depth = inner.cascade_depth
 
     def measure(self, pairs: Sequence[Pair]) -> list[Measure]:
         return self.inner.measure(pairs)
@@ -49,11 +51,16 @@ class RecordingScorer(Scorer):
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         return self.inner.token_offsets(text)
 
-    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+    def score(
+        self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None, *, first_pass: bool = False
+    ) -> np.ndarray:
         self.batches.append(list(pairs))
+        self.first_pass_batches.append(first_pass)
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(timeout=60)
+        if first_pass:
+            return self.inner.score(pairs, encodings, first_pass=True)
         return self.inner.score(pairs, encodings)
 
     @property
@@ -97,11 +104,13 @@ class FailingScorer(RecordingScorer):
         super().__init__(inner)
         self.poison = poison
 
-    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+    def score(
+        self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None, *, first_pass: bool = False
+    ) -> np.ndarray:
         if any(p.query == self.poison for p in pairs):
             self.batches.append(list(pairs))
             raise RuntimeError("injected scorer failure")
-        return super().score(pairs, encodings)
+        return super().score(pairs, encodings, first_pass=first_pass)
 
 
 def break_batcher_loop(batcher: object) -> None:

@@ -185,3 +185,84 @@ def test_a_guard_record_in_the_model_directory_does_not_change_its_hash(
     assert resolve_source(str(copy), None).revision == before
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "x": 1}', 1))
     assert resolve_source(str(copy), None).revision != before
+
+
+# ---- cascades: a first pass the guard failed, then the top re-scored by one it passed --------------------
+
+
+def cascade_row(
+    first: str, depth: int, delta: float, pps: float, served=("openvino", "bfloat16", "none")
+) -> dict:  # type: ignore[no-untyped-def]
+    from sidecar.scoring.runtimes import CONFIGS
+
+    runtime, dtype, quantize = CONFIGS[first]
+    r = row(*served, delta, pps)
+    r["cascade"] = {
+        "runtime": runtime,
+        "dtype": dtype,
+        "quantize": quantize,
+        "precision": first.split("/")[1],
+        "depth": depth,
+    }
+    r["pairs_per_s_estimated"] = True
+    return r
+
+
+CASCADE_RECORD = record(
+    row("openvino", "bfloat16", "none", 0.0, 29.0),
+    row("openvino", "bfloat16", "int8", -0.03, 38.0),  # failed alone
+    cascade_row("openvino/int8+bfloat16", 10, -0.001, 33.0),
+    cascade_row("openvino/int8+bfloat16", 20, 0.0, 31.0),
+    cascade_row("openvino/int8", 10, -0.02, 36.0),  # a cascade that failed
+)
+
+
+def test_a_passed_cascade_is_picked_when_fastest() -> None:
+    got = choose(CASCADE_RECORD, ALL)
+    assert (got.runtime, got.precision, got.cascade, got.cascade_depth) == (
+        "openvino",
+        "bfloat16",
+        "openvino/int8+bfloat16",
+        10,
+    )
+    assert got.guarded and "a cascade" in got.reason
+
+
+def test_cascades_compete_only_when_left_to_auto() -> None:
+    for kwargs in ({"cascade": "none"}, {"cascade": "openvino/int8"}, {"quantize": "int8"}):
+        got = choose(CASCADE_RECORD, ALL, **kwargs)
+        assert got.cascade == "none", kwargs
+    assert choose(CASCADE_RECORD, ALL, cascade="none").precision == "bfloat16"
+    # A first pass this machine cannot run is skipped like any configuration.
+    no_bf16_first = Offer(native_bf16=True, runtimes=frozenset({"torch", "openvino"}))
+    assert choose(CASCADE_RECORD, no_bf16_first).cascade == "openvino/int8+bfloat16"
+    no_openvino = Offer(native_bf16=True, runtimes=frozenset({"torch", "onnxruntime"}))
+    assert choose(CASCADE_RECORD, no_openvino).cascade == "none"
+
+
+def test_auto_loads_a_cascade_from_the_record(
+    bert_ce_dir: Path, export_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.scoring.loading import resolve_source
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)  # float32 passes: any CPU runs them
+    revision = resolve_source(str(bert_ce_dir), None).revision
+    rec = record(
+        row("openvino", "float32", "int8", -0.03, 38.0),
+        cascade_row("openvino/int8", 10, 0.0, 33.0, served=("torch", "float32", "none")),
+        revision=revision,
+    )
+    path = record_path(export_cache, revision)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    info = make_scorer(bert_ce_dir, dtype="auto", device="cpu").info
+    assert (info.runtime, info.dtype, info.cascade, info.cascade_depth) == (
+        "torch",
+        "float32",
+        "openvino/int8",
+        10,
+    )
+    # An explicit depth wins over the record's; --cascade none, or an explicit --dtype, turns it off.
+    assert make_scorer(bert_ce_dir, dtype="auto", device="cpu", cascade_depth=5).info.cascade_depth == 5
+    assert make_scorer(bert_ce_dir, dtype="auto", device="cpu", cascade="none").info.cascade == ""
+    assert make_scorer(bert_ce_dir, dtype="float32", device="cpu").info.cascade == ""

@@ -87,6 +87,11 @@ class SentenceTransformersScorer:
             EngineSpec(self.model, self.engine_output, self._featurize, source, placement), settings
         )
         self.dtype_name = self.engine.precision
+        # A cascade's fast first pass beside it (settings.cascade), from the same float32 weights.
+        self.first_engine = None
+        if settings.cascade not in ("auto", "none"):
+            self.first_engine = self._cascade_engine(settings)
+        self.cascade_depth = settings.cascade_depth if self.first_engine is not None else 0
         # Read once by the batcher: packed batches are budgeted in real tokens, padded ones in n x longest.
         self.padding_free = bool(getattr(self.engine, "padding_free", False))
         # HF fast tokenizers keep padding/truncation state on the object: measuring (tokenize threads)
@@ -95,6 +100,31 @@ class SentenceTransformersScorer:
         self._measure_lock = threading.Lock()
         self._padding = Padding.of(self.model.tokenizer)
         self._device = torch.device(placement.device)
+
+    def _cascade_engine(self, settings: Any) -> Any:
+        """The engine of the cascade's first pass (`settings.cascade`, a RUNTIME/PRECISION key)."""
+        from sidecar.scoring import runtimes as rt
+
+        if self.engine_output != "scores":
+            raise rt.RuntimeUnavailable(
+                "--cascade re-scores a cross-encoder's top documents; a bi-encoder scores each document "
+                "once: use --cascade none"
+            )
+        if self.placement.device != "cpu":
+            raise rt.RuntimeUnavailable(
+                "--cascade runs its first pass on the CPU: use --cascade none on CUDA"
+            )
+        if settings.runtime == "torch" and settings.quantize == "int8":
+            raise rt.RuntimeUnavailable(
+                "--cascade needs float32 weights beside the served engine, and --runtime torch --quantize "
+                "int8 quantises them in place: serve another precision, or --cascade none"
+            )
+        runtime, dtype, quantize = rt.CONFIGS[settings.cascade]
+        first = settings.model_copy(update={"runtime": runtime, "dtype": dtype, "quantize": quantize})
+        spec = rt.EngineSpec(
+            self.model, self.engine_output, self._featurize, self.source, rt.placement_for(first)
+        )
+        return rt.build_engine(spec, first)
 
     def _featurize(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
         """Model features for (query, document) pairs: the pairs for a cross-encoder, every text
@@ -113,6 +143,10 @@ class SentenceTransformersScorer:
             device=str(self._device),
             dtype=self.dtype_name,
             runtime=self.engine.runtime,
+            cascade=(
+                f"{self.first_engine.runtime}/{self.first_engine.precision}" if self.first_engine else ""
+            ),
+            cascade_depth=self.cascade_depth,
             attention=self.placement.attention,
             max_length=max_length,
             accepts_instruction=any((getattr(self.model, "prompts", None) or {}).values()),

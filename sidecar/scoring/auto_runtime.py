@@ -52,6 +52,9 @@ class Choice:
     precision: str
     reason: str
     guarded: bool  # True when chosen from a passed guard measurement
+    # A cascade's first pass (RUNTIME/PRECISION) and depth when the chosen row is a cascade; else none.
+    cascade: str = "none"
+    cascade_depth: int | None = None
 
 
 def _precision(runtime: str, dtype: str, quantize: str) -> str:
@@ -101,12 +104,15 @@ def choose(
     *,
     runtime: str = "auto",
     quantize: str = "none",
+    cascade: str = "auto",
     fp32_runtime: str = "torch",
 ) -> Choice:
     """The fastest configuration `record` passed that `offer` can run.
 
     `runtime` other than 'auto' keeps the choice within that runtime; `quantize='int8'` within int8
     configurations (the user asked for int8: with none passed, it is still honoured, unguarded).
+    Cascade rows (a first pass, then the top re-scored; `cascade` in the row) compete only when `cascade`
+    is 'auto' and no int8 was asked for; their first pass must run here too.
     `fp32_runtime` is the runtime of the no-record fallback (torch, or one shown to match it in float32).
     """
     home = fp32_runtime if runtime == "auto" else runtime
@@ -125,14 +131,24 @@ def choose(
             continue
         if not isinstance(row.get("pairs_per_s"), (int, float)):
             continue
+        first = row.get("cascade")
+        if first is not None:
+            if cascade != "auto" or quantize != "none" or not isinstance(first, Mapping):
+                continue
+            if first.get("runtime") not in offer.runtimes or not isinstance(first.get("depth"), int):
+                continue
+            if first.get("dtype") == "bfloat16" and not offer.native_bf16:
+                continue
         candidates.append(row)
     if not candidates:
         return _fallback(home, quantize, "no configuration the guard passed is available here")
     best = max(candidates, key=lambda r: float(r["pairs_per_s"]))
     ds = record.get("dataset") or {}
+    first = best.get("cascade")
     reason = (
-        f"fastest configuration the quality guard passed: nDCG@10 {best['delta']:+.4f} against torch "
-        f"float32 on {ds.get('name')} {ds.get('split')} ({ds.get('queries')} queries x top-{ds.get('depth')})"
+        f"fastest configuration the quality guard passed{' (a cascade)' if first else ''}: nDCG@10 "
+        f"{best['delta']:+.4f} against torch float32 on {ds.get('name')} {ds.get('split')} "
+        f"({ds.get('queries')} queries x top-{ds.get('depth')})"
     )
     return Choice(
         str(best["runtime"]),
@@ -141,6 +157,8 @@ def choose(
         _precision(str(best["runtime"]), str(best["dtype"]), str(best["quantize"])),
         reason,
         True,
+        cascade=f"{first['runtime']}/{first['precision']}" if first else "none",
+        cascade_depth=int(first["depth"]) if first else None,
     )
 
 
@@ -232,13 +250,23 @@ def resolve_settings(settings: Settings, source: ModelSource) -> tuple[Settings,
     if settings.dtype != "auto" or _on_cuda(settings.device):
         if runtime == "auto":
             settings = settings.model_copy(update={"runtime": "torch"})
+        if settings.cascade == "auto":
+            settings = settings.model_copy(update={"cascade": "none"})
         if settings.dtype != "auto":
             return settings, f"{settings.runtime} with --dtype {settings.dtype} as configured"
         return settings, "CUDA: --dtype auto is bfloat16 (float16 without bf16); not guarded"
     record, where = find_record(settings, source)
-    choice = choose(record, this_machine(), runtime=runtime, quantize=settings.quantize)
-    update = {"runtime": choice.runtime, "dtype": choice.dtype, "quantize": choice.quantize}
+    choice = choose(
+        record, this_machine(), runtime=runtime, quantize=settings.quantize, cascade=settings.cascade
+    )
+    update: dict[str, Any] = {"runtime": choice.runtime, "dtype": choice.dtype, "quantize": choice.quantize}
+    if settings.cascade == "auto":
+        update["cascade"] = choice.cascade
+        if choice.cascade_depth is not None and "cascade_depth" not in settings.model_fields_set:
+            update["cascade_depth"] = choice.cascade_depth
     reason = f"{choice.runtime}/{choice.precision}: {choice.reason}"
+    if choice.cascade != "none":
+        reason = f"cascade {choice.cascade} then top {choice.cascade_depth} at " + reason
     if record is not None:
         reason += f" (record {where})"
     elif choice.quantize == "none":

@@ -70,12 +70,20 @@ class Scorer(ABC):
         """Token count per pair after truncation; cheap (tokeniser only)."""
 
     @abstractmethod
-    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+    def score(
+        self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None, *, first_pass: bool = False
+    ) -> np.ndarray:
         """One float32 score per pair, in order. Called from one worker thread at a time.
 
         `encodings`: the pairs' `Measure.encoding`s from this scorer's `measure`; with them the model
         thread only stacks them into tensors (pre), runs the model (core) and post-processes (post).
+        A scorer with a cascade (`cascade_depth` > 0) also takes `first_pass=True`: the same pairs
+        through its fast first-pass engine.
         """
+
+    # A cascade (settings.cascade): documents per request the served precision re-scores after a fast
+    # first pass over all of them; 0 when the scorer has none.
+    cascade_depth: int = 0
 
     # ---- long documents (sidecar/windows.py); backends that cannot window return None ----------
     def window_budget(self, pair: Pair) -> int | None:

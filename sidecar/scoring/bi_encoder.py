@@ -173,7 +173,11 @@ class BiEncoderScorer(SentenceTransformersScorer, Scorer):
                 known[k] = fresh[i]
         return torch.stack([known[k].to(self._device) for k in keys])
 
-    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+    def score(
+        self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None, *, first_pass: bool = False
+    ) -> np.ndarray:
+        if first_pass:
+            raise ValueError("first_pass needs a cascade, which only cross-encoders have")
         import torch
 
         texts = [(p.instruction or "") + p.query for p in pairs]

@@ -203,7 +203,11 @@ class CausalLMScorer(Scorer):
         return {"input_ids": input_ids.to(self._device), "attention_mask": mask.to(self._device)}
 
     # ---- core + post ----------------------------------------------------------------------------
-    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+    def score(
+        self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None, *, first_pass: bool = False
+    ) -> np.ndarray:
+        if first_pass:
+            raise ValueError("first_pass needs a cascade, which only cross-encoders have")
         # Encodings come through the cache `measure` fills (prompt tokens depend on the family).
         del encodings
         ids = self._encode(pairs)

@@ -101,17 +101,24 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
             fixed = self._token_lengths([query], [""])[0]
         return self.max_length - fixed
 
-    def score(self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None) -> np.ndarray:
+    def score(
+        self, pairs: Sequence[Pair], encodings: Sequence[object] | None = None, *, first_pass: bool = False
+    ) -> np.ndarray:
+        engine = self.engine
+        if first_pass:
+            if self.first_engine is None:
+                raise ValueError("first_pass needs a cascade (settings.cascade)")
+            engine = self.first_engine
         if encodings is not None and self._extras is not None:
-            return self._forward(self._collate(encodings))
+            return self._forward(self._collate(encodings), engine)
         if not self._chat:
-            return self._forward(self._preprocess(self._texts(pairs), None))
+            return self._forward(self._preprocess(self._texts(pairs), None), engine)
         # One prompt per preprocess call: pairs are grouped by instruction.
         out = np.empty(len(pairs), dtype=np.float32)
         for instruction in dict.fromkeys(p.instruction for p in pairs):
             rows = [i for i, p in enumerate(pairs) if p.instruction == instruction]
             texts = [(pairs[i].query, pairs[i].document) for i in rows]
-            out[rows] = self._forward(self._preprocess(texts, instruction))
+            out[rows] = self._forward(self._preprocess(texts, instruction), engine)
         return out
 
     # ---- pre: features from encodings made while measuring, or from the texts ------------------
@@ -124,11 +131,11 @@ class CrossEncoderScorer(SentenceTransformersScorer, Scorer):
         return self.model.preprocess(texts, prompt=prompt) if prompt else self.model.preprocess(texts)
 
     # ---- core + post --------------------------------------------------------------------------
-    def _forward(self, features: dict[str, Any]) -> np.ndarray:
+    def _forward(self, features: dict[str, Any], engine: Any) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            scores = self.engine.run(features)
+            scores = engine.run(features)
             if self.model.activation_fn is not None:
                 scores = self.model.activation_fn(scores)
             return scores.reshape(-1).cpu().numpy().astype(np.float32)

@@ -52,6 +52,24 @@ _PACKAGES = {
 _MODULES = {"openvino": ("openvino", "nncf"), "onnxruntime": ("onnx", "onnxruntime")}
 
 
+# Every runtime x precision the sidecar can load on a CPU, by the key Info, the guard and --cascade use:
+# RUNTIME/PRECISION -> (runtime, dtype, quantize).
+CONFIGS: dict[str, tuple[str, str, str]] = {
+    "torch/float32": ("torch", "float32", "none"),
+    "torch/bfloat16": ("torch", "bfloat16", "none"),
+    "torch/int8-dynamic": ("torch", "float32", "int8"),
+    "openvino/float32": ("openvino", "float32", "none"),
+    "openvino/bfloat16": ("openvino", "bfloat16", "none"),
+    "openvino/int8": ("openvino", "float32", "int8"),
+    "openvino/int8+bfloat16": ("openvino", "bfloat16", "int8"),
+    "onnxruntime/float32": ("onnxruntime", "float32", "none"),
+    "onnxruntime/int8": ("onnxruntime", "float32", "int8"),
+}
+# What a cascade's first pass may be: an exported graph, built beside the served engine from the same
+# float32 weights (torch's dynamic int8 quantises the weights in place, so it cannot sit beside another).
+CASCADE_FIRST_PASSES = tuple(k for k, (rt, _, _) in CONFIGS.items() if rt != "torch")
+
+
 class RuntimeUnavailable(RuntimeError):
     """The runtime asked for cannot run this model here; the message says what to do instead."""
 

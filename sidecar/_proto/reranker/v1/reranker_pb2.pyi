@@ -143,7 +143,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_revision", "backend", "device", "dtype", "attention", "max_length", "max_batch_tokens", "max_batch_pairs", "max_documents", "max_queue_pairs", "accepts_instruction", "server_version", "default_fusion", "max_body_bytes", "ready", "runtime")
+    __slots__ = ("model_id", "model_revision", "backend", "device", "dtype", "attention", "max_length", "max_batch_tokens", "max_batch_pairs", "max_documents", "max_queue_pairs", "accepts_instruction", "server_version", "default_fusion", "max_body_bytes", "ready", "runtime", "cascade", "cascade_depth")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,8 @@ class InfoResponse(_message.Message):
     MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_revision: str
     backend: str
@@ -178,4 +180,6 @@ class InfoResponse(_message.Message):
     max_body_bytes: int
     ready: bool
     runtime: str
-    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_documents: _Optional[int] = ..., max_queue_pairs: _Optional[int] = ..., accepts_instruction: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_fusion: _Optional[_Union[Fusion, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., ready: _Optional[bool] = ..., runtime: _Optional[str] = ...) -> None: ...
+    cascade: str
+    cascade_depth: int
+    def __init__(self, model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., max_length: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_pairs: _Optional[int] = ..., max_documents: _Optional[int] = ..., max_queue_pairs: _Optional[int] = ..., accepts_instruction: _Optional[bool] = ..., server_version: _Optional[str] = ..., default_fusion: _Optional[_Union[Fusion, _Mapping]] = ..., max_body_bytes: _Optional[int] = ..., ready: _Optional[bool] = ..., runtime: _Optional[str] = ..., cascade: _Optional[str] = ..., cascade_depth: _Optional[int] = ...) -> None: ...
