@@ -105,30 +105,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class Config:
     runtime: str | None  # None: serve's default
     precision: str | None  # None: serve's default (--dtype auto)
+    # A cascade's first pass (RUNTIME/PRECISION, `serve --cascade`) and depth; None: serve's default.
+    cascade: str | None = None
+    cascade_depth: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.runtime or 'default'}:{self.precision or 'default'}"
+        label = f"{self.runtime or 'default'}:{self.precision or 'default'}"
+        return label + (f" after {self.cascade}@{self.cascade_depth}" if self.cascade else "")
 
     def serve_flags(self) -> list[str]:
         # Before `serve --runtime` exists, torch is the only runtime and takes no flag.
         flags = ["--runtime", self.runtime] if self.runtime and served_runtimes() else []
-        return flags + (PRECISION_FLAGS[self.precision] if self.precision else [])
+        flags += PRECISION_FLAGS[self.precision] if self.precision else []
+        if self.cascade:
+            flags += ["--cascade", self.cascade, "--cascade-depth", str(self.cascade_depth)]
+        return flags
 
 
 def parse_matrix(spec: str) -> list[Config]:
-    """'all' -> every runtime x precision; else 'runtime:precision,...' ('auto' allowed for either)."""
+    """'all' -> every runtime x precision; else 'runtime:precision,...' ('auto' allowed for either), each
+    optionally '>FIRST@DEPTH' for a cascade (a first pass RUNTIME/PRECISION, e.g. openvino/int8)."""
     if spec == "all":
         return [Config(r, p) for r in RUNTIMES for p in PRECISIONS]
+    from sidecar.scoring.runtimes import CASCADE_FIRST_PASSES
+
     out = []
     for item in (s.strip() for s in spec.split(",")):
-        runtime, sep, precision = item.partition(":")
+        served, arrow, first = item.partition(">")
+        runtime, sep, precision = served.partition(":")
         if not sep or runtime not in ("auto", *RUNTIMES) or precision not in ("auto", *PRECISIONS):
             raise ValueError(
                 f"--matrix entry {item!r}: expected RUNTIME:PRECISION with RUNTIME in "
                 f"{'|'.join(('auto', *RUNTIMES))} and PRECISION in {'|'.join(('auto', *PRECISIONS))}"
             )
-        out.append(Config(runtime, None if precision == "auto" else precision))
+        cascade, depth = None, None
+        if arrow:
+            cascade, _, depth_text = first.partition("@")
+            if cascade not in CASCADE_FIRST_PASSES or not depth_text.isdigit() or int(depth_text) < 1:
+                raise ValueError(
+                    f"--matrix entry {item!r}: a cascade is RUNTIME:PRECISION>FIRST@DEPTH with FIRST in "
+                    f"{'|'.join(CASCADE_FIRST_PASSES)}, e.g. openvino:bfloat16>openvino/int8@20"
+                )
+            depth = int(depth_text)
+        out.append(Config(runtime, None if precision == "auto" else precision, cascade, depth))
     return out
 
 
@@ -614,23 +634,34 @@ class PureCompute:
         self.pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
         encodings = [getattr(m, "encoding", None) for m in measures]
         self.encodings = encodings if all(e is not None for e in encodings) else None
-        self.batches = lone_batches(
-            [m.tokens for m in measures],
-            settings.max_batch_tokens,
-            settings.max_batch_pairs,
-            padding_free=bool(getattr(self.scorer, "padding_free", False)),
-        )
+        self.tokens = [m.tokens for m in measures]
+        self.budget = (settings.max_batch_tokens, settings.max_batch_pairs)
+        self.padding_free = bool(getattr(self.scorer, "padding_free", False))
+        self.batches = lone_batches(self.tokens, *self.budget, padding_free=self.padding_free)
         self.run([list(range(min(4, len(self.pairs))))])  # warm-up, as the server's
 
     def run(self, batches: list[list[int]] | None = None) -> float:
+        """Seconds to score the request; with a cascade, its first pass over every pair and then the top
+        `cascade_depth` re-scored, each in the batches the batcher would form."""
         t0 = time.perf_counter()
-        for b in self.batches if batches is None else batches:
-            batch = [self.pairs[i] for i in b]
-            if self.encodings is None:
-                self.scorer.score(batch)
-            else:
-                self.scorer.score(batch, encodings=[self.encodings[i] for i in b])  # type: ignore[call-arg]
+        depth = self.scorer.cascade_depth
+        if batches is None and depth and len(self.pairs) > depth:
+            first = self._score(self.batches, first_pass=True)
+            top = [int(i) for i in np.argsort(-first, kind="stable")[:depth]]
+            tops = lone_batches([self.tokens[i] for i in top], *self.budget, padding_free=self.padding_free)
+            self._score([[top[j] for j in b] for b in tops])
+        else:
+            self._score(self.batches if batches is None else batches)
         return time.perf_counter() - t0
+
+    def _score(self, batches: list[list[int]], first_pass: bool = False) -> np.ndarray:
+        scores = np.zeros(len(self.pairs), dtype=np.float32)
+        flag = {"first_pass": True} if first_pass else {}
+        for b in batches:
+            batch = [self.pairs[i] for i in b]
+            given = None if self.encodings is None else [self.encodings[i] for i in b]
+            scores[b] = self.scorer.score(batch, given, **flag)
+        return scores
 
 
 def _lone_and_compute(

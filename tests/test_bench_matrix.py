@@ -12,6 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -206,6 +207,36 @@ def test_matrix_spec_errors_and_defaults() -> None:
         bench.parse_matrix("torch-float32")
     with pytest.raises(ValueError, match="'tensorrt:float32'"):
         bench.parse_matrix("tensorrt:float32")
+    cascade = bench.parse_matrix("openvino:bfloat16>openvino/int8+bfloat16@10")
+    assert cascade == [bench.Config("openvino", "bfloat16", "openvino/int8+bfloat16", 10)]
+    assert cascade[0].serve_flags()[-4:] == ["--cascade", "openvino/int8+bfloat16", "--cascade-depth", "10"]
+    assert cascade[0].label == "openvino:bfloat16 after openvino/int8+bfloat16@10"
+    for bad in (
+        "openvino:bfloat16>torch/float32@10",
+        "openvino:bfloat16>openvino/int8",
+        "torch:float32>openvino/int8@0",
+    ):
+        with pytest.raises(ValueError, match="FIRST@DEPTH"):
+            bench.parse_matrix(bad)
+
+
+def test_pure_compute_of_a_cascade_is_both_passes(bert_ce_dir: Path, tmp_path: Path) -> None:
+    """The lone request's pure compute under a cascade: every pair through the first pass, then the
+    first pass's top DEPTH (and only they) through the served precision."""
+    from tests.fakes import RecordingScorer
+
+    docs = [(f"d{i}", "", " ".join(["word"] * (3 + i))) for i in range(8)]
+    flags = ["--runtime", "torch", "--dtype", "float32", "--cascade", "openvino/int8", "--cascade-depth", "3"]
+    compute = bench.PureCompute(bert_ce_dir, [*flags, "--export-cache-dir", str(tmp_path)], ("q", docs))
+    rec = compute.scorer = RecordingScorer(compute.scorer)
+    compute.run()
+    passes = list(zip(rec.first_pass_batches, rec.batches, strict=True))
+    first = [p for flag, b in passes if flag for p in b]
+    second = [p for flag, b in passes if not flag for p in b]
+    assert sorted(p.document for p in first) == sorted(d for _, _, d in docs)
+    fast = rec.inner.score(first, first_pass=True)
+    top = {first[i].document for i in np.argsort(-fast, kind="stable")[:3]}
+    assert {p.document for p in second} == top and len(second) == 3
 
 
 def test_lone_batches_follow_the_token_budget() -> None:
