@@ -135,12 +135,24 @@ def bm25_candidates(
     *,
     cache_root: Path | None = None,
     progress: Any = None,
+    only: Sequence[str] | None = None,
 ) -> Candidates:
+    """`only`: these query ids (judged in the split), before `queries` takes the first N."""
     from sidecar.eval import datasets
     from sidecar.eval.bm25 import LuceneBm25
 
     data = datasets.load(dataset_dir, split=split)
-    qids = data.query_ids(queries)
+    qids = data.query_ids()
+    if only is not None:
+        wanted = set(only)
+        missing = wanted - set(qids)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of the {len(wanted)} query ids given are not judged in split {split!r} "
+                f"(e.g. {sorted(missing)[0]})"
+            )
+        qids = [q for q in qids if q in wanted]
+    qids = qids[:queries] if queries else qids
     bm25 = LuceneBm25(data, cache_root=cache_root, progress=progress)
     try:
         hits = {q: bm25.search(data.queries[q], depth) for q in qids}
@@ -353,6 +365,7 @@ def run_guard(
     progress: Any = None,
     settings_extra: dict[str, Any] | None = None,
     scores_out: dict[str, Any] | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every configuration on the same pairs; the record (a JSON-able dict).
 
@@ -377,7 +390,9 @@ def run_guard(
 
     source = resolve_source(model, None)
     backend = detect_backend(source)
-    cands = bm25_candidates(dataset_dir, split, queries, depth, cache_root=cache_root, progress=progress)
+    cands = bm25_candidates(
+        dataset_dir, split, queries, depth, cache_root=cache_root, progress=progress, only=only
+    )
     if not cands.qids:
         raise ValueError(f"{dataset_dir}: no judged queries in split {split!r}")
     ref = score_config(model, REFERENCE, cands, progress=progress, settings_extra=settings_extra)
@@ -408,6 +423,7 @@ def run_guard(
             "name": cands.dataset,
             "split": split,
             "queries": len(cands.qids),
+            "query_selection": "the ids given (--query-ids)" if only is not None else "first judged",
             "depth": depth,
             "pairs": cands.n_pairs,
             "first_stage": "BM25 (pyserini/Lucene, flat, k1=0.9 b=0.4)",
@@ -490,6 +506,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset", default=None, help="BEIR dataset name (default scifact), found locally")
     p.add_argument("--split", default="train", help="qrels split to measure on (default train)")
     p.add_argument("--queries", type=int, default=None, help="only the first N judged queries")
+    p.add_argument(
+        "--query-ids",
+        default=None,
+        help="a file of query ids (one per line) to measure on, e.g. a fine-tuned model's dev_qids.txt: "
+        "training queries the model never trained on",
+    )
     p.add_argument("--depth", type=int, default=100, help="BM25 documents per query (default 100)")
     p.add_argument(
         "--configs",
@@ -500,6 +522,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="write the record here (default: the export cache)")
     p.add_argument("--cache-dir", default=None, help="cache for datasets and the BM25 index")
     p.set_defaults(func=guard_command)
+
+
+def _read_ids(path: str) -> list[str]:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"--query-ids {path}: cannot read it ({exc.strerror})") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"--query-ids {path} holds no query ids")
+    return ids
 
 
 def guard_command(args: argparse.Namespace) -> int:
@@ -541,6 +574,7 @@ def guard_command(args: argparse.Namespace) -> int:
                 depth=args.depth,
                 configs=configs,
                 progress=progress,
+                only=_read_ids(args.query_ids) if args.query_ids else None,
             )
     except (ValueError, datasets.DatasetError, ModelLoadError) as exc:
         raise UserError(str(exc), 2) from None
