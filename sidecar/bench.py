@@ -508,6 +508,8 @@ def _sidecar(
         "dtype": info.dtype,
         "device": info.device,
         "attention": info.attention,
+        "cascade": getattr(info, "cascade", ""),
+        "cascade_depth": getattr(info, "cascade_depth", 0),
     }
     return run
 

@@ -265,23 +265,26 @@ def cascade_rows(
     measured: Sequence[tuple[Scored, dict[str, Any]]],
     depths: Sequence[int] = CASCADE_DEPTHS,
 ) -> list[dict[str, Any]]:
-    """Rows for cascades (settings.cascade) built from what was measured: a first pass that failed the
-    guard, then the top `depth` per query re-scored by the fastest configuration that passed (and by
-    torch float32). Each query's ranking is what serving returns: the first pass's scores, the top
-    `depth` of them (stable order) replaced by the served precision's. Its pairs/s is estimated from
-    the two passes' measured speeds: one pass over every pair, plus `depth`/`cands.depth` of a pass.
+    """Rows for cascades (settings.cascade) built from what was measured: every int8 first pass of an
+    exported runtime, then the top `depth` per query re-scored by the fastest configuration that passed
+    without int8, and by torch float32. Each query's ranking is what serving returns: the first pass's
+    scores, the top `depth` of them (stable order) replaced by the served precision's. Its pairs/s is
+    estimated from the two passes' measured speeds: one pass over every pair, plus `depth`/`cands.depth`
+    of a pass; a cascade no faster than its served precision alone is left out.
     """
     import numpy as np
 
-    passed = [(g, r) for g, r in measured if r["passed"] and r["pairs_per_s"]]
-    if not passed:
+    unquantized = [
+        (g, r) for g, r in measured if r["passed"] and r["pairs_per_s"] and g.config.quantize == "none"
+    ]
+    if not unquantized:
         return []
-    fastest = max(passed, key=lambda gr: float(gr[1]["pairs_per_s"]))
-    served = [fastest] + [(g, r) for g, r in passed if g.config == REFERENCE and g is not fastest[0]]
+    fastest = max(unquantized, key=lambda gr: float(gr[1]["pairs_per_s"]))
+    served = [fastest] + [(g, r) for g, r in unquantized if g.config == REFERENCE and g is not fastest[0]]
     rows = []
     for first, first_row in measured:
         if (
-            first_row["passed"]
+            first.config.quantize != "int8"
             or first.config.key not in CASCADE_FIRST_PASSES
             or not first_row["pairs_per_s"]
         ):

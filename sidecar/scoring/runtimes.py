@@ -407,11 +407,14 @@ def _load_openvino(
 ) -> Engine:
     import openvino as ov
 
+    from sidecar.threads import usable_cores
+
     core = ov.Core()
     hint = "bf16" if placement.dtype == "bfloat16" else "f32"
-    compiled = core.compile_model(
-        core.read_model(folder / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": hint}
-    )
+    # Threads as for torch (sidecar/threads.py): the cores this process may use, a container's CPU quota
+    # included (OpenVINO would otherwise size its pool by the node's cores).
+    config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": usable_cores()}
+    compiled = core.compile_model(core.read_model(folder / "model.xml"), "CPU", config)
     return OpenVINOEngine(compiled, inputs, output, precision, folder)
 
 
@@ -467,8 +470,12 @@ def _export_onnxruntime(
 def _load_onnxruntime(folder: Path, inputs: list[str], output: str, precision: str) -> Engine:
     import onnxruntime as ort
 
+    from sidecar.threads import usable_cores
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = usable_cores()  # as for torch and OpenVINO: a CPU quota is respected
+    opts.inter_op_num_threads = 1  # one graph runs at a time (the model thread)
     session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     return ONNXRuntimeEngine(session, inputs, output, precision, folder)
 
