@@ -316,16 +316,31 @@ class RerankService:
         deadline comes during the second pass, a request that allows partial results gets the first pass's
         complete ranking (never a mix of half-done passes); one that does not gets DEADLINE_EXCEEDED.
         """
+        loop = asyncio.get_running_loop()
+        deadline = q.deadline if q.deadline is not None else loop.time() + self.settings.default_timeout_s
         measured: dict[int, Measure] = {}
         first = await self._rerank_pass(
-            dataclasses.replace(q, top_n=None), started, first_pass=True, measures_out=measured
+            dataclasses.replace(q, top_n=None, deadline=deadline),
+            started,
+            first_pass=True,
+            measures_out=measured,
         )
         top_n = min(q.top_n or len(first.hits), len(first.hits))
         if any(h.status is not HitStatus.RERANKED for h in first.hits):
             return dataclasses.replace(first, hits=first.hits[:top_n])  # a partial answer, as it stands
         top = [h.index for h in first.hits[:depth]]
-        sub = dataclasses.replace(q, documents=[q.documents[i] for i in top], top_n=None, fusion=NO_FUSION)
         partial = self.settings.partial_results if q.partial_results is None else q.partial_results
+        # The re-score is whole or not at all; with partial results it must end in time for the first
+        # pass's answer to reach the client.
+        margin = self.settings.partial_results_margin_ms / 1000 if partial else 0.0
+        sub = dataclasses.replace(
+            q,
+            documents=[q.documents[i] for i in top],
+            top_n=None,
+            fusion=NO_FUSION,
+            partial_results=False,
+            deadline=deadline - margin,
+        )
         try:
             second = await self._rerank_pass(
                 sub, started, measures_in={j: measured[i] for j, i in enumerate(top) if i in measured}
@@ -333,8 +348,6 @@ class RerankService:
         except DeadlineExceeded:
             if not partial:
                 raise
-            second = None
-        if second is None or any(h.status is not HitStatus.RERANKED for h in second.hits):
             log.info("cascade: the deadline came during the re-score; answering with the first pass")
             self.metrics.cascade_requests.labels("first_pass_only").inc()
             return dataclasses.replace(first, hits=first.hits[:top_n])

@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Inference precision. 'auto' on a CPU is the fastest runtime x precision that the "
-        "model's quality-guard record passed (lost at most 0.005 nDCG@10 against torch float32; "
+        "model's quality-guard record passed (lost at most 0.005 nDCG@10 against torch float32, with 90% "
+        "confidence; "
         "`rerank-sidecar guard`, docs/quality-guard.md), float32 when the model has no record; on CUDA "
         "it is bfloat16 (not guarded). Per runtime: docs/runtimes.md. bf16 keeps about 3 significant "
         "digits, int8 moves scores more; float32 matches sentence-transformers within 1e-4.",

@@ -103,11 +103,20 @@ def evaluate_scored(
 ) -> dict[str, float]:
     """Mean metrics when each query's documents (`{qid: (doc ids, scores)}`) are ranked by their scores,
     highest first, ties keeping list order (the sidecar's own stable sort), not trec_eval's id tie-break."""
+    return aggregate(evaluate_scored_per_query(qrels, scored, metrics))
+
+
+def evaluate_scored_per_query(
+    qrels: Qrels,
+    scored: Mapping[str, tuple[Sequence[str], Sequence[float]]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, dict[str, float]]:
+    """`evaluate_scored` before the mean: {metric: {qid: value}}."""
     run: Run = {}
     for qid, (doc_ids, scores) in scored.items():
         order = sorted(range(len(doc_ids)), key=lambda i: -scores[i])
         run[qid] = order_scores([(doc_ids[i], float(scores[i])) for i in order])[0]
-    return aggregate(evaluate(qrels, run, list(scored), metrics))
+    return evaluate(qrels, run, list(scored), metrics)
 
 
 def mean(per_query: Mapping[str, float]) -> float:

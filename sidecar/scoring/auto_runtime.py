@@ -78,9 +78,16 @@ def record_problem(record: Mapping[str, Any], revision: str | None) -> str | Non
 
 
 def passed(row: Mapping[str, Any]) -> bool:
-    """The guard's verdict, re-judged from the recorded change so a hand-edited 'passed' cannot widen it."""
+    """The guard's verdict, re-judged from the recorded change (its lower confidence bound, in records that
+    have one) so a hand-edited 'passed' cannot widen it."""
     delta = row.get("delta")
-    return bool(row.get("passed")) and isinstance(delta, (int, float)) and delta >= -THRESHOLD
+    bound = row.get("delta_lower", delta)
+    return (
+        bool(row.get("passed"))
+        and isinstance(delta, (int, float))
+        and isinstance(bound, (int, float))
+        and min(delta, bound) >= -THRESHOLD
+    )
 
 
 def _fallback(runtime: str, quantize: str, why: str) -> Choice:

@@ -185,7 +185,9 @@ def test_deadline_during_the_rescore(server_factory, cascade_scorer, case) -> No
     for h in result.hits:
         assert h.score == pytest.approx(float(case.fast[h.index]), abs=1e-5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert 'reranker_cascade_requests_total{outcome="first_pass_only"} 1.0' in _metrics(srv.server.http_port)
+    metrics = _metrics(srv.server.http_port)
+    assert 'reranker_cascade_requests_total{outcome="first_pass_only"} 1.0' in metrics
+    assert "reranker_partial_answers_total 0.0" in metrics  # a whole first pass, not a partial answer
 
 
 def test_refused_with_one_line(bi_encoder_dir: Path, export_dir: Path) -> None:
@@ -205,7 +207,15 @@ def test_the_guard_judges_cascades_from_the_scores_it_measured() -> None:
     (failed alone) ranks it fifth. Re-scoring its top 3 leaves d0 second (nDCG@10 1/log2(3)); its top 6
     include d0, which the served precision puts back first (nDCG@10 1). Speeds: first pass 40 pairs/s,
     served 10: a cascade costs 1/40 + depth/12 x 1/10 s a pair."""
-    from sidecar.guard import REFERENCE, Candidates, GuardConfig, Scored, cascade_rows, compare, ndcg10
+    from sidecar.guard import (
+        REFERENCE,
+        Candidates,
+        GuardConfig,
+        Scored,
+        cascade_rows,
+        compare,
+        ndcg10_per_query,
+    )
 
     docs = [f"d{i}" for i in range(12)]
     cands = Candidates(
@@ -214,7 +224,7 @@ def test_the_guard_judges_cascades_from_the_scores_it_measured() -> None:
     precise = np.array([1.0] + [0.5 - 0.01 * i for i in range(11)], dtype=np.float32)
     fast = np.array([0.6, 0.9, 0.85, 0.8, 0.7] + [0.5 - 0.01 * i for i in range(7)], dtype=np.float32)
     ref = Scored(REFERENCE, {"q": precise}, 1.2, 12, "float32")
-    ref_ndcg = ndcg10(cands, ref.scores)
+    ref_ndcg = ndcg10_per_query(cands, ref.scores)
     first = Scored(GuardConfig("openvino", "float32", "int8"), {"q": fast}, 0.3, 12, "int8")
     measured = [(ref, compare(cands, ref, ref, ref_ndcg)), (first, compare(cands, ref, first, ref_ndcg))]
     assert measured[1][1]["passed"] is False and measured[1][1]["ndcg@10"] == pytest.approx(
