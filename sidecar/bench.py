@@ -855,7 +855,12 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 f"sidecar {r['label']}",
-                f"{r['info']['runtime']} {r['info']['dtype']}",
+                f"{r['info']['runtime']} {r['info']['dtype']}"
+                + (
+                    f" after {r['info']['cascade']}@{r['info']['cascade_depth']}"
+                    if r["info"].get("cascade")
+                    else ""
+                ),
                 num(r["pairs_per_s"], ".1f"),
                 num(r["ratio"], ".2f"),
                 num(r["p50"], ".2f"),
