@@ -242,3 +242,45 @@ def test_the_guard_judges_cascades_from_the_scores_it_measured() -> None:
         ("torch", "float32", "int8")
     }
     assert all(r["pairs_per_s_estimated"] for r in rows)
+
+
+def test_batches_hold_one_pass_and_share_within_it(cascade_scorer: Scorer) -> None:
+    """Two first-pass requests and one at the served precision, queued together: no batch mixes passes,
+    the two first-pass requests share batches, and each request's scores are its engine's own."""
+    import asyncio
+
+    from sidecar.batcher import Batcher
+    from sidecar.metrics import Metrics
+    from tests.texts import queries
+
+    rec = RecordingScorer(cascade_scorer)
+    q1, q2, q3 = queries(3)
+    first_pass = {q1: True, q2: False, q3: True}
+    docs = documents(24)
+
+    async def main() -> list:
+        b = Batcher(
+            rec, Metrics(), max_batch_tokens=2048, max_batch_pairs=64, max_wait_s=0.02, max_queue_pairs=1000
+        )
+        b.start()
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for q in (q1, q2, q3):
+            pairs = [Pair(q, d) for d in docs]
+            measures = cascade_scorer.measure(pairs)
+            pairs = [m.clipped or p for p, m in zip(pairs, measures, strict=True)]
+            jobs.append(
+                b.submit(pairs, [m.tokens for m in measures], loop.time() + 60, None,
+                         [m.encoding for m in measures], first_pass[q])
+            )  # fmt: skip
+        results = await asyncio.gather(*jobs)
+        await b.close()
+        return [scores for scores, _ in results]
+
+    got = asyncio.run(main())
+    for batch, flag in zip(rec.batches, rec.first_pass_batches, strict=True):
+        assert {first_pass[p.query] for p in batch} == {flag}
+    assert any({p.query for p in batch} == {q1, q3} for batch in rec.batches)
+    for q, scores in zip((q1, q2, q3), got, strict=True):
+        alone = cascade_scorer.score([Pair(q, d) for d in docs], first_pass=first_pass[q])
+        np.testing.assert_allclose(scores, alone, atol=1e-5)
