@@ -174,12 +174,20 @@ def _pairs() -> list[tuple[str, str]]:
     ]
 
 
+def _save_classifier(model: torch.nn.Module, tok, out: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A Hugging Face sequence classifier with the tokenizer it was built for, loadable as a CrossEncoder."""
+    model.save_pretrained(out)  # type: ignore[operator]
+    tok.model_max_length = 512
+    tok.save_pretrained(out)
+    return out
+
+
 def _build_xlmr_classifier(out: Path) -> Path:
-    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-    from sidecar.model_factory import packaged_embedding_model_dir
+    from sidecar.model_factory import _tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(packaged_embedding_model_dir()))
+    tok = _tokenizer()
     torch.manual_seed(1)
     cfg = XLMRobertaConfig(
         vocab_size=tok.vocab_size,
@@ -193,18 +201,15 @@ def _build_xlmr_classifier(out: Path) -> Path:
         num_labels=1,
         initializer_range=0.2,
     )
-    XLMRobertaForSequenceClassification(cfg).save_pretrained(out)
-    tok.model_max_length = 512
-    tok.save_pretrained(out)
-    return out
+    return _save_classifier(XLMRobertaForSequenceClassification(cfg), tok, out)
 
 
 def _build_modernbert_classifier(out: Path) -> Path:
-    from transformers import AutoTokenizer, ModernBertConfig, ModernBertForSequenceClassification
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
-    from sidecar.model_factory import packaged_embedding_model_dir
+    from sidecar.model_factory import _tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(packaged_embedding_model_dir()))
+    tok = _tokenizer()
     torch.manual_seed(2)
     cfg = ModernBertConfig(
         vocab_size=tok.vocab_size,
@@ -223,10 +228,7 @@ def _build_modernbert_classifier(out: Path) -> Path:
         num_labels=1,
         initializer_range=0.2,
     )
-    ModernBertForSequenceClassification(cfg).save_pretrained(out)
-    tok.model_max_length = 512
-    tok.save_pretrained(out)
-    return out
+    return _save_classifier(ModernBertForSequenceClassification(cfg), tok, out)
 
 
 @pytest.fixture(scope="module")
